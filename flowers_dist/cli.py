@@ -1,0 +1,112 @@
+"""The `flowers-dist` command line: train, eval, predict, data fetch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data.folder import DataError
+from .model import WeightsError
+
+# Errors a user can fix; they get one line, not a traceback.
+USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowers-dist", description="Distributed image-classification training (flowers).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train, or resume, a run", description="Train with a YAML config; extra arguments section.key=value override it.")
+    train.add_argument("--config", type=Path, help="YAML config (configs/*.yaml); defaults to the run's own config with --resume")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in this folder from its last checkpoint")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on a labelled folder")
+    ev.add_argument("checkpoint", type=Path)
+    ev.add_argument("--data", required=True, help="data-set root (its val/ is used) or a folder of class folders")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--workers", type=int, default=-1, help="decode workers per process (-1 = cores per process)")
+    ev.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    ev.add_argument("--json", help="also write the result as JSON here")
+
+    pr = sub.add_parser("predict", help="top-k classes for images or folders of images")
+    pr.add_argument("checkpoint", type=Path)
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    pr.add_argument("--topk", type=int, default=3)
+    pr.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    data = sub.add_parser("data", help="data-set tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="download flower_photos and write a stratified train/val split")
+    fetch.add_argument("dest", type=Path)
+    fetch.add_argument("--url", help="archive URL (default: TensorFlow's flower_photos.tgz)")
+    fetch.add_argument("--sha256", help="expected SHA-256 of the archive (default: the pinned one)")
+    fetch.add_argument("--val-fraction", type=float, default=0.2)
+    fetch.add_argument("--seed", type=int, default=0)
+    fetch.add_argument("--keep-archive", action="store_true")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from . import config
+    from .train import train
+
+    if args.resume is not None:
+        run_config = args.resume / "config.yaml"
+        if not run_config.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
+        cfg = config.load(args.config or run_config, args.overrides)
+        train(cfg, resume=args.resume)
+    else:
+        if args.config is None:
+            raise ConfigError("train needs --config FILE (or --resume RUN_DIR)")
+        train(config.load(args.config, args.overrides), config_name=args.config.stem)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .inference import predict
+
+    results = predict(args.checkpoint, args.inputs, args.topk)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']}: skipped ({r['error']})")
+        else:
+            print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            _train(args)
+        elif args.command == "eval":
+            from .inference import run_eval
+
+            run_eval(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.json)
+        elif args.command == "predict":
+            _predict(args)
+        elif args.command == "data":
+            from .data.fetch import FetchError, fetch_flowers
+
+            kwargs = {k: v for k, v in {"url": args.url, "sha256": args.sha256}.items() if v}
+            try:
+                fetch_flowers(args.dest, val_fraction=args.val_fraction, seed=args.seed, keep_archive=args.keep_archive, **kwargs)
+            except FetchError as exc:
+                raise DataError(str(exc)) from None
+    except USER_ERRORS as exc:
+        print(f"flowers-dist: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

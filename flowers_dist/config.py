@@ -1,0 +1,271 @@
+"""The typed, strict experiment config: YAML in, dataclasses out, unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the offending key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/flowers"
+    """Data set folder holding train/ and val/, each with one sub-folder per class."""
+    loader: Literal["torch", "dali", "auto"] = "auto"
+    """Which loader feeds the model; all yield the same contract."""
+    image_size: int = 224
+    """Side of the square training and evaluation crops, in pixels."""
+    eval_crop_ratio: float = 0.875
+    """Evaluation resizes the shorter side to image_size / ratio, then centre-crops (224/0.875 = 256)."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    """Random-resized-crop area range, as fractions of the image."""
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Random-resized-crop aspect-ratio range."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    rotation: float = 0.0
+    """Maximum random rotation, in degrees (0 = off)."""
+    color_jitter: float = 0.0
+    """Brightness, contrast and saturation jitter strength (0 = off)."""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Per-channel mean used to normalise, on the device."""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Per-channel standard deviation used to normalise, on the device."""
+    num_workers: int = -1
+    """Decode workers per process; -1 = the cores available to each local process."""
+
+    def validate(self) -> None:
+        _check(self.image_size >= 16, "data.image_size", f"must be >= 16, got {self.image_size}")
+        _check(0 < self.eval_crop_ratio <= 1, "data.eval_crop_ratio", f"must be in (0, 1], got {self.eval_crop_ratio}")
+        _check(0 < self.scale[0] <= self.scale[1] <= 1, "data.scale", f"must satisfy 0 < lo <= hi <= 1, got {list(self.scale)}")
+        _check(0 < self.ratio[0] <= self.ratio[1], "data.ratio", f"must satisfy 0 < lo <= hi, got {list(self.ratio)}")
+        _check(0 <= self.hflip <= 1, "data.hflip", f"must be a probability, got {self.hflip}")
+        _check(0 <= self.rotation <= 180, "data.rotation", f"must be in [0, 180] degrees, got {self.rotation}")
+        _check(0 <= self.color_jitter <= 1, "data.color_jitter", f"must be in [0, 1], got {self.color_jitter}")
+        _check(all(s > 0 for s in self.std), "data.std", f"must be positive, got {list(self.std)}")
+        _check(self.num_workers >= -1, "data.num_workers", f"must be -1 (auto) or >= 0, got {self.num_workers}")
+
+    @property
+    def eval_resize(self) -> int:
+        return round(self.image_size / self.eval_crop_ratio)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18.tv_in1k"
+    """Any timm model name; `arch.tag` picks a pretrained tag (tv_in1k = torchvision's ImageNet weights)."""
+    pretrained: str = "imagenet"
+    """`imagenet` (timm's weights, downloaded or cached), `none`, or a path to a local state-dict file."""
+    channels_last: bool = False
+    """Keep weights and activations in NHWC; faster with mixed precision on tensor cores."""
+
+    def validate(self) -> None:
+        _check(bool(self.name.strip()), "model.name", "must not be empty")
+        _check(bool(self.pretrained.strip()), "model.pretrained", "must be imagenet, none or a file path")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Learning rate at epoch 0 for the global batch size in train.global_batch_size."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """L2 weight decay."""
+    nesterov: bool = False
+    """Use Nesterov momentum."""
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    """Per-epoch learning-rate schedule (a pure function of the epoch, see schedule.py)."""
+    step_size: int = 7
+    """StepLR: decay every this many epochs."""
+    gamma: float = 0.1
+    """StepLR: multiply the learning rate by this at each decay."""
+    warmup_epochs: int = 0
+    """Linear warm-up from lr/10 over this many epochs (large global batches)."""
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.step_size >= 1, "optim.step_size", f"must be >= 1, got {self.step_size}")
+        _check(0 < self.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {self.gamma}")
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(not self.nesterov or self.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 25
+    """Number of epochs."""
+    global_batch_size: int = 32
+    """Images per optimizer step over all processes; each process takes global / world size."""
+    eval_batch_size: int = 64
+    """Images per evaluation batch and process."""
+    max_steps_per_epoch: int = 0
+    """Cut each training epoch after this many steps (0 = full epoch); for smoke tests."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision; fp16 needs a GPU (on the CPU it would silently run fp32)."""
+    device: Literal["auto", "cpu"] = "auto"
+    """`auto` uses CUDA when present; `cpu` forces the CPU even on a GPU host."""
+    seed: int = 0
+    """Seed for weights of new layers, data order and augmentation."""
+    log_every: int = 10
+    """Steps between loss read-backs (each is a device sync) for the progress bar."""
+    output_dir: str = "runs"
+    """Folder that holds one sub-folder per run."""
+    name: str = ""
+    """Run name; empty = config name plus a timestamp."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """Progress bar (`bar`), one line per epoch (`lines`), or bar only on a terminal (`auto`)."""
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", f"must be >= 0, got {self.max_steps_per_epoch}")
+        _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check("/" not in self.name, "train.name", f"must not contain '/', got {self.name!r}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists so the YAML we write reads back as the YAML a user writes."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check one value against its annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}': must be a list of {len(args)} numbers; got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin in (Union, types.UnionType):
+        raise TypeError(f"unsupported annotation for {key}")  # keep the schema simple on purpose
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': must be true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': must be an integer; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': must be a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': must be a string; got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported annotation {hint!r} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"config {where} must be a mapping of keys to values; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"config key '{full}' is unknown (known here: {known})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, full)
+        else:
+            kwargs[key] = _coerce(value, hint, full)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key '{dotted}' must be section.key (e.g. optim.lr=0.01)")
+        section, key = parts
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc.__class__.__name__})") from None
+        current = data.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping")
+        current[key] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return data or {}
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

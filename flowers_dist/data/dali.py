@@ -1,0 +1,240 @@
+"""The DALI loader: JPEG decoding and augmentation in a DALI pipeline, behind the loader contract.
+
+On a GPU host the JPEGs are decoded by nvJPEG (`mixed`) and augmented on the GPU; elsewhere
+the same graph runs on DALI's CPU operators. Sharding is DALI's own: the file reader takes
+shard `rank` of `world_size`, permutes the whole file list after every epoch (the same
+permutation on every rank, so shards never overlap), and the iterator drops the tail so that
+every rank runs `num_files // (batch_per_rank * world_size)` full steps, as `train_shard` does.
+
+Differences from the PyTorch loader, by design:
+- The epoch order is the reader's own sequence of permutations (it does not depend on
+  `train.seed`); `set_epoch` only records the epoch. A resumed run therefore sees another,
+  equally random, sequence of orders than an uninterrupted one.
+- Augmentation is drawn per rank (pipeline seed = seed and rank), not per file.
+- A file DALI cannot decode stops the run with a DataError naming data.loader=torch, which
+  skips such files instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from ..config import DataConfig
+from .contract import Placement
+from .folder import DataError, Split
+
+log = logging.getLogger(__name__)
+
+READER = "Reader"
+OUTPUTS = ["images", "labels"]
+
+# nvJPEG's buffers sized for the largest photos, as in NVIDIA's ResNet-50 example, so that
+# no allocation happens once training runs.
+DEVICE_MEMORY_PADDING = 211_025_920
+HOST_MEMORY_PADDING = 140_544_512
+
+
+def _reader(files: list[str], labels: list[int], shard_id: int, num_shards: int, shuffle: bool, reader_seed: int):
+    # pad_last_batch gives every shard the same number of batches (the last ones padded with a
+    # repeated sample) and, read with the iterator's PARTIAL policy, ends each epoch exactly at
+    # a shard boundary: every file once per epoch over all ranks. shuffle_after_epoch permutes
+    # the whole list identically on every rank, so shards never overlap; without shuffling,
+    # each rank keeps its shard. (DROP without padding drifts across epochs: files repeat
+    # within an epoch on many shard and batch sizes; seen.)
+    return fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+                           shuffle_after_epoch=shuffle, random_shuffle=False, seed=reader_seed,
+                           pad_last_batch=True, stick_to_shard=not shuffle, name=READER)
+
+
+def _normalize(images, cfg: DataConfig, mirror, dtype: torch.dtype, channels_last: bool):
+    # DALI has no bfloat16: it emits float32 and the loader casts on the device.
+    out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+    return fn.crop_mirror_normalize(
+        images, mirror=mirror, mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std],
+        dtype=out_type, output_layout="HWC" if channels_last else "CHW")
+
+
+@pipeline_def
+def train_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_id: int, num_shards: int,
+                   reader_seed: int, on_gpu: bool, dtype: torch.dtype = torch.float32,
+                   channels_last: bool = False, debug: bool = False):
+    """Random-resized crop, flip, optional rotation and colour jitter, normalise.
+
+    With debug=True the pipeline also returns, per sample, the encoded image's shape, the
+    crop's shape and the flip decision: the production graph, with its internals exposed.
+    """
+    jpegs, label = _reader(files, labels, shard_id, num_shards, True, reader_seed)
+    # ROI decoding: only the random crop window of each JPEG is decoded.
+    decoder = dict(device="mixed", device_memory_padding=DEVICE_MEMORY_PADDING,
+                   host_memory_padding=HOST_MEMORY_PADDING) if on_gpu else dict(device="cpu")
+    crops = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(cfg.scale),
+                                          random_aspect_ratio=list(cfg.ratio), num_attempts=10, **decoder)
+    images = fn.resize(crops, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_LINEAR,
+                       antialias=True)
+    # torchvision flips before rotating; the flip is applied last here (fused into the normalise)
+    # which gives the same distribution because the angle's range is symmetric.
+    if cfg.rotation > 0:
+        images = fn.rotate(images, angle=fn.random.uniform(range=(-cfg.rotation, cfg.rotation)), keep_size=True,
+                           fill_value=0, interp_type=types.INTERP_LINEAR)
+    if cfg.color_jitter > 0:
+        factor = (1 - cfg.color_jitter, 1 + cfg.color_jitter)
+        images = fn.color_twist(images, brightness=fn.random.uniform(range=factor),
+                                contrast=fn.random.uniform(range=factor), saturation=fn.random.uniform(range=factor))
+    mirror = fn.random.coin_flip(probability=cfg.hflip)
+    images = _normalize(images, cfg, mirror, dtype, channels_last)
+    if on_gpu:
+        label = label.gpu()
+    if debug:
+        return images, label, fn.peek_image_shape(jpegs), fn.shapes(crops), mirror
+    return images, label
+
+
+def _round_half_even_half(d):
+    """round(d / 2) for integer d >= 0, with Python's ties-to-even, in integer graph arithmetic."""
+    half = d // 2
+    return half + (d % 2) * (half % 2)
+
+
+def _eval_geometry(jpegs, cfg: DataConfig):
+    """torchvision's Resize(eval_resize) output size and CenterCrop(image_size) anchor, per sample.
+
+    Matching torchvision's integer rounding (long side truncated, anchor rounded half to even)
+    keeps DALI's evaluation pixel-aligned with the PyTorch loader; a one-pixel shift alone
+    moved small crops by 0.25 in normalised units.
+    """
+    shape = fn.peek_image_shape(jpegs)  # H, W, C as decoded (EXIF orientation applied)
+    h, w = shape[0], shape[1]
+    size, crop = cfg.eval_resize, cfg.image_size
+    new_long = size * dmath.max(h, w) // dmath.min(h, w)
+    new_h = size + (w <= h) * (new_long - size)
+    new_w = size + (w > h) * (new_long - size)
+    anchor = fn.stack(_round_half_even_half(new_h - crop), _round_half_even_half(new_w - crop))
+    return fn.cast(new_h, dtype=types.FLOAT), fn.cast(new_w, dtype=types.FLOAT), fn.cast(anchor, dtype=types.INT32)
+
+
+@pipeline_def
+def val_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_id: int, num_shards: int,
+                 on_gpu: bool, dtype: torch.dtype = torch.float32, channels_last: bool = False):
+    """Resize the shorter side to cfg.eval_resize, centre-crop image_size, normalise."""
+    jpegs, label = _reader(files, labels, shard_id, num_shards, False, 0)
+    # Fancy upsampling makes nvJPEG's chroma match libjpeg-turbo (and PIL), so evaluation on
+    # the GPU agrees with the CPU and PyTorch paths.
+    decoder = dict(device="mixed", jpeg_fancy_upsampling=True) if on_gpu else dict(device="cpu")
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
+    new_h, new_w, anchor = _eval_geometry(jpegs, cfg)
+    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.slice(images, start=anchor, shape=[cfg.image_size, cfg.image_size], axes=[0, 1])
+    images = _normalize(images, cfg, 0, dtype, channels_last)
+    if on_gpu:
+        label = label.gpu()
+    return images, label
+
+
+class DaliLoader:
+    """A DALIGenericIterator behind the loader contract (not for accelerator.prepare).
+
+    Training yields `steps` full batches per epoch and then reads DALI's epoch to its end
+    (the tail and padding, at most a batch or two, plus whatever max_steps cut off): DALI
+    ignores reset() mid-epoch, and finishing the epoch keeps every rank's reader at the
+    start of the next permutation. Evaluation yields every batch; a rank's last can be empty.
+    """
+
+    def __init__(self, pipeline, *, train: bool, steps: int, num_samples: int, placement: Placement, root):
+        self.train, self.num_samples, self.placement, self.root = train, num_samples, placement, root
+        self.epoch = 0
+        self._mid_epoch = False
+        try:  # the iterator already runs the pipeline for its first batch
+            self.iterator = DALIGenericIterator(pipeline, OUTPUTS, reader_name=READER,
+                                                last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+        except RuntimeError as exc:
+            raise self._decode_error(exc) from None
+        self.steps = steps if train else len(self.iterator)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Record the epoch; the order is the reader's next permutation (see the module docstring)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._drain()  # a consumer that stopped early left DALI mid-epoch
+        self._mid_epoch = True
+        for _ in range(self.steps):
+            batch = self._next()
+            if batch is None:
+                raise RuntimeError(f"DALI's epoch ended after fewer than {self.steps} batches")
+            yield self._convert(batch)
+        self._drain()
+
+    def _next(self):
+        """The next DALI batch, or None at the end of DALI's epoch (the iterator then resets itself)."""
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            return None
+        except RuntimeError as exc:
+            raise self._decode_error(exc) from None
+
+    def _drain(self) -> None:
+        if self._mid_epoch:
+            while self._next() is not None:
+                pass
+            self._mid_epoch = False
+
+    def _convert(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = batch[0]
+        images, labels = out["images"], out["labels"].view(-1).long()
+        p = self.placement
+        if p.channels_last:
+            images = images.permute(0, 3, 1, 2)  # NHWC memory seen as a channels_last NCHW tensor
+        if images.dtype != p.dtype:
+            images = images.to(p.dtype)
+        return images.to(p.device, non_blocking=True), labels.to(p.device, non_blocking=True)
+
+    def _decode_error(self, exc: RuntimeError) -> DataError:
+        # DALI's message is a traceback; the line after "encountered:" names the file, as in
+        # "Failed to decode sample #0 : <path>".
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        after = lines.index("encountered:") + 1 if "encountered:" in lines else 0
+        detail = lines[after] if after < len(lines) else type(exc).__name__
+        return DataError(f"the DALI pipeline failed on {self.root}: {detail[:300]} "
+                         "(an unreadable image? data.loader=torch skips those)")
+
+
+def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement,
+                      seed: int, max_steps: int = 0) -> DaliLoader:
+    p = placement
+    on_gpu = p.device.type == "cuda"
+    # Accelerate binds each process to its local GPU; device.index is that GPU.
+    device_id = (p.device.index if p.device.index is not None else torch.cuda.current_device()) if on_gpu else None
+    common = dict(files=[str(f) for f in split.files], labels=list(split.labels), cfg=cfg, shard_id=p.rank,
+                  num_shards=p.world_size, on_gpu=on_gpu, dtype=p.dtype, channels_last=p.channels_last,
+                  batch_size=batch_per_rank, num_threads=max(1, p.workers), device_id=device_id,
+                  prefetch_queue_depth=2)
+    n = len(split)
+    if train:
+        steps = n // (batch_per_rank * p.world_size)
+        if max_steps:
+            steps = min(steps, max_steps)
+        if steps == 0:
+            raise DataError(f"{split.root}: {n} images do not fill one global batch of {batch_per_rank * p.world_size}")
+        # The augmentation seed differs per rank; the reader's seed is the same on all.
+        pipe = train_pipeline(**common, reader_seed=seed, seed=(seed * 1_000_003 + p.rank) % 2**31)
+        num_samples = steps * batch_per_rank
+    else:
+        pipe = val_pipeline(**common, seed=seed % 2**31)
+        # Reader shards are [floor(r n / w), floor((r + 1) n / w)).
+        num_samples = (p.rank + 1) * n // p.world_size - p.rank * n // p.world_size
+        steps = 0  # the iterator's length: the padded shard's batches, the same on every rank
+    try:
+        pipe.build()
+    except RuntimeError as exc:
+        raise DataError(f"could not build the DALI pipeline for {split.root}: {str(exc).splitlines()[0]}") from None
+    return DaliLoader(pipe, train=train, steps=steps, num_samples=num_samples, placement=p, root=split.root)

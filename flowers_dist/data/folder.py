@@ -1,0 +1,69 @@
+"""Find the classes and image files of a data-set split laid out as <split>/<class>/<image>."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+class DataError(ValueError):
+    """A data-set layout problem, phrased as one line that names the folder."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """The files of one split, in a fixed order, with labels indexing `classes`."""
+
+    root: Path
+    classes: tuple[str, ...]
+    files: tuple[Path, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def list_classes(split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise DataError(f"data folder {split_dir} does not exist")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"data folder {split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>.jpg)")
+    return classes
+
+
+def scan_split(split_dir: str | Path, classes: list[str] | tuple[str, ...] | None = None) -> Split:
+    """Scan one split; with `classes` given, the folder must hold exactly those classes."""
+    split_dir = Path(split_dir)
+    found = list_classes(split_dir)
+    if classes is not None and list(classes) != found:
+        missing = sorted(set(classes) - set(found))
+        extra = sorted(set(found) - set(classes))
+        raise DataError(f"class folders of {split_dir} differ from the expected classes (missing: {missing or 'none'}, unexpected: {extra or 'none'})")
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(found):
+        images = sorted(p for p in (split_dir / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"class folder {split_dir / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files.extend(images)
+        labels.extend([label] * len(images))
+    return Split(split_dir, tuple(found), tuple(files), tuple(labels))
+
+
+def scan_dataset(root: str | Path) -> tuple[Split, Split]:
+    """Scan root/train and root/val; both must hold the same sorted class list."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist (set data.root, or run `flowers-dist data fetch {root}`)")
+    train = scan_split(root / "train")
+    val = scan_split(root / "val", train.classes)
+    return train, val
+
+
+def resolve_eval_dir(path: str | Path) -> Path:
+    """Accept either a data-set root (its val/ is used) or a folder of class folders."""
+    path = Path(path)
+    return path / "val" if (path / "val").is_dir() else path

@@ -1,0 +1,152 @@
+"""The PyTorch loader: PIL decode and torchvision augmentation in worker processes.
+
+The baseline and fallback behind the loader contract: workers return uint8 tensors,
+normalisation happens on the device, and on CUDA the next batch is copied on a side
+stream while the current one computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from ..config import DataConfig
+from .contract import DeviceNormalizer, Placement, eval_shard, sample_seed, train_shard
+from .folder import Split
+
+log = logging.getLogger(__name__)
+
+
+def train_transform(cfg: DataConfig) -> Callable:
+    steps = [
+        v2.RandomResizedCrop(cfg.image_size, scale=cfg.scale, ratio=cfg.ratio, antialias=True),
+        v2.RandomHorizontalFlip(cfg.hflip),
+    ]
+    if cfg.rotation > 0:
+        steps.append(v2.RandomRotation(cfg.rotation))
+    if cfg.color_jitter > 0:
+        steps.append(v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter))
+    steps.append(v2.PILToTensor())
+    return v2.Compose(steps)
+
+
+def eval_transform(cfg: DataConfig) -> Callable:
+    return v2.Compose([v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(cfg.image_size), v2.PILToTensor()])
+
+
+def load_rgb(path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """Indexed by (file index, epoch) so augmentation is a pure function of seed, epoch and file."""
+
+    def __init__(self, split: Split, transform: Callable, seed: int):
+        self.split, self.transform, self.seed = split, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        path = self.split.files[index]
+        try:
+            image = load_rgb(path)
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            log.warning("skipping unreadable image %s: %s", path, exc)
+            return None
+        # fork_rng keeps the worker's global generator untouched; the seed alone decides.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image), self.split.labels[index]
+
+
+def collate_skipping(items):
+    """Stack uint8 images; files that failed to decode were already logged and are left out."""
+    items = [item for item in items if item is not None]
+    if not items:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    images, labels = zip(*items)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+class _EpochBatches:
+    """Batch sampler whose batches come from a pure function of the epoch."""
+
+    def __init__(self, make: Callable[[int], list[list[int]]]):
+        self.make, self.epoch = make, 0
+
+    def __iter__(self):
+        for batch in self.make(self.epoch):
+            yield [(i, self.epoch) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.make(self.epoch))
+
+
+class TorchLoader:
+    """DataLoader over one split, sharded by global rank, yielding the loader contract."""
+
+    def __init__(self, dataset: ImageFiles, batches: _EpochBatches, normalize: DeviceNormalizer, placement: Placement):
+        self.batches = batches
+        self.normalize = normalize
+        self.device = placement.device
+        self.num_samples = sum(len(b) for b in batches.make(0))
+        workers = placement.workers
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=workers,
+            collate_fn=collate_skipping,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.device.type != "cuda":
+            for images, labels in self.loader:
+                yield self.normalize(images, labels)
+            return
+        # Copy and normalise batch k+1 on a side stream while the model computes batch k.
+        stream = torch.cuda.Stream(self.device)
+        pending = None
+        for images, labels in self.loader:
+            with torch.cuda.stream(stream):
+                ready = self.normalize(images, labels)
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for t in ready:
+                t.record_stream(torch.cuda.current_stream(self.device))
+            pending = ready
+        if pending is not None:
+            yield pending
+
+
+def build_torch_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement, seed: int, max_steps: int = 0) -> TorchLoader:
+    p = placement
+    if train:
+        def make(epoch: int) -> list[list[int]]:
+            batches = train_shard(len(split), batch_per_rank, p.rank, p.world_size, seed, epoch)
+            return batches[:max_steps] if max_steps else batches
+        transform = train_transform(cfg)
+    else:
+        def make(epoch: int) -> list[list[int]]:
+            return eval_shard(len(split), batch_per_rank, p.rank, p.world_size)
+        transform = eval_transform(cfg)
+    # Each file's augmentation depends on (seed, epoch, file), not on the rank that reads it.
+    dataset = ImageFiles(split, transform, seed)
+    return TorchLoader(dataset, _EpochBatches(make), DeviceNormalizer(cfg.mean, cfg.std, p), p)

@@ -1,0 +1,43 @@
+"""Start Accelerate for this process and check that the world it sees is the one launched."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+
+from .config import ConfigError
+from .data import Placement, default_workers
+
+
+def make_accelerator(device: str, mixed_precision: str) -> Accelerator:
+    use_cpu = device == "cpu" or not torch.cuda.is_available()
+    if use_cpu and mixed_precision == "fp16":
+        # Accelerate would silently run fp32 on the CPU: no autocast, no scaler.
+        raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on the CPU")
+    # cpu=True is what makes several CPU processes form one gloo group; without it every
+    # process on a GPU-less host believes it is rank 0 of 1.
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(f"launched {launched} processes but Accelerate formed a world of {accelerator.num_processes}; on the CPU launch with `accelerate launch --multi_gpu --num_processes N` (not --cpu)")
+    return accelerator
+
+
+def placement(accelerator: Accelerator, *, channels_last: bool, workers: int, dtype: torch.dtype = torch.float32) -> Placement:
+    """Plain values for the data code: global rank for sharding, the local device for placement."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return Placement(
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        device=accelerator.device,
+        dtype=dtype,
+        channels_last=channels_last,
+        workers=default_workers(local_world) if workers < 0 else workers,
+    )
+
+
+def num_nodes(accelerator: Accelerator) -> int:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(accelerator.num_processes)))
+    return max(1, accelerator.num_processes // max(1, local_world))

@@ -1,0 +1,93 @@
+"""Use a trained checkpoint: exact evaluation on a labelled folder, and top-k predictions on images."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import from_dict
+from .data import build_loader, scan_split
+from .data.folder import IMAGE_SUFFIXES, DataError, resolve_eval_dir
+from .data.torch_loader import eval_transform, load_rgb
+from .distributed import make_accelerator, placement
+from .evaluate import EvalResult, local_counts
+from .model import build_model
+
+log = logging.getLogger(__name__)
+
+
+def load_trained(path: str | Path, device: torch.device):
+    """Model with the checkpoint's weights, its config and class list."""
+    state = checkpoint.load(path)
+    cfg = from_dict(state["config"])
+    cfg.model.pretrained = "none"  # the checkpoint brings every weight
+    model = build_model(cfg.model, len(state["classes"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, list(state["classes"])
+
+
+def run_eval(checkpoint_path: str | Path, data_dir: str | Path, batch_size: int, workers: int, device: str, json_path: str | None) -> EvalResult:
+    """Every process counts its shard; counts are summed once, so each image counts exactly once."""
+    accelerator = make_accelerator(device, "no")
+    model, cfg, classes = load_trained(checkpoint_path, accelerator.device)
+    split = scan_split(resolve_eval_dir(data_dir), classes)
+    place = placement(accelerator, channels_last=cfg.model.channels_last, workers=workers)
+    loader = build_loader(cfg.data, split, train=False, batch_per_rank=batch_size, placement=place, seed=0)
+    counts = local_counts(model, loader, len(classes), accelerator.device)
+    result = EvalResult.from_counts(accelerator.reduce(counts, reduction="sum"), len(classes))
+    if accelerator.is_main_process:
+        print(f"{checkpoint_path} on {split.root} ({accelerator.num_processes} process(es))")
+        print(result.format(classes))
+        if json_path:
+            Path(json_path).write_text(json.dumps({**result.to_dict(classes), "world_size": accelerator.num_processes}, indent=1) + "\n")
+    return result
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise DataError(f"{p} is neither an image nor a folder")
+    if not paths:
+        raise DataError(f"no images found in {', '.join(inputs)}")
+    return paths
+
+
+@torch.no_grad()
+def predict(checkpoint_path: str | Path, inputs: list[str], topk: int, batch_size: int = 32) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, classes = load_trained(checkpoint_path, device)
+    transform = eval_transform(cfg.data)
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1) * 255
+    k = min(topk, len(classes))
+    results = []
+    paths = image_paths(inputs)
+    for start in range(0, len(paths), batch_size):
+        batch, kept = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                batch.append(transform(load_rgb(path)))
+                kept.append(path)
+            except (OSError, ValueError, SyntaxError) as exc:
+                log.warning("skipping unreadable image %s: %s", path, exc)
+                results.append({"path": str(path), "error": str(exc)})
+        if not batch:
+            continue
+        images = (torch.stack(batch).to(device).float() - mean) / std
+        if cfg.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        probs = model(images).float().softmax(1)
+        top = probs.topk(k, dim=1)
+        for path, p, i in zip(kept, top.values.tolist(), top.indices.tolist()):
+            results.append({"path": str(path), "top": [{"class": classes[c], "prob": q} for c, q in zip(i, p)]})
+    return results

@@ -1,0 +1,165 @@
+"""The training loop: the one place where distribution and precision are handled."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+
+from . import checkpoint
+from .config import Config, ConfigError
+from .data import build_loader, scan_dataset
+from .distributed import make_accelerator, num_nodes, placement
+from .evaluate import EvalResult, local_counts
+from .model import build_model
+from .recorder import Recorder, environment
+from .schedule import lr_at
+
+
+def _run_dir(cfg: Config, config_name: str) -> Path:
+    name = cfg.train.name or f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.train.output_dir) / name
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> Path:
+    """Train (or resume) one run; returns its run folder. Every process calls this."""
+    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision)
+    world = accelerator.num_processes
+    if cfg.train.global_batch_size % world:
+        raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} does not split evenly over {world} processes")
+    batch_per_rank = cfg.train.global_batch_size // world
+
+    train_split, val_split = scan_dataset(cfg.data.root)
+    classes = list(train_split.classes)
+    if len(train_split) < cfg.train.global_batch_size:
+        raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} is more than the {len(train_split)} training images")
+
+    # All ranks must agree on the folder even if their clocks tick over between them.
+    run_dir = [resume if resume is not None else _run_dir(cfg, config_name)]
+    broadcast_object_list(run_dir)
+    run_dir = Path(run_dir[0])
+    if resume is None and (run_dir / "checkpoints").exists():
+        raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass --resume {run_dir} or choose another train.name")
+    rec = Recorder(run_dir, accelerator.is_main_process, cfg.train.progress)
+
+    set_seed(cfg.train.seed)  # same new-head initialisation on every rank
+    with accelerator.main_process_first():  # one download into the cache, the other ranks read it
+        model = build_model(cfg.model, len(classes))
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
+    if resume is not None:
+        state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+        if state["classes"] != classes:
+            raise ConfigError(f"the classes in {cfg.data.root} differ from those the run was trained on ({state['classes']})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        checkpoint.set_rng_state(state["rng"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+
+    place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
+    train_loader = build_loader(cfg.data, train_split, train=True, batch_per_rank=batch_per_rank, placement=place,
+                                seed=cfg.train.seed, max_steps=cfg.train.max_steps_per_epoch)
+    val_loader = build_loader(cfg.data, val_split, train=False, batch_per_rank=cfg.train.eval_batch_size,
+                              placement=place, seed=cfg.train.seed)
+
+    rec.start(cfg, classes, environment(world, num_nodes(accelerator), device), start_epoch, resumed=resume is not None)
+    rec.print(f"run {run_dir}: {len(train_split)} train / {len(val_split)} val images, {len(classes)} classes, "
+              f"{world} process(es) on {device.type}, global batch {cfg.train.global_batch_size}, "
+              f"{len(train_loader)} steps/epoch, precision {cfg.train.mixed_precision}")
+    if start_epoch >= cfg.train.epochs:
+        rec.print(f"run already complete ({start_epoch} of {cfg.train.epochs} epochs); raise train.epochs to continue")
+        return run_dir
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        lr = lr_at(cfg.optim, epoch, cfg.train.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_loader.set_epoch(epoch)
+        model.train()
+        # Running sums stay on the device; reading them back is a sync, so it happens only every log_every steps.
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+        rec.epoch_bar(len(train_loader), epoch, cfg.train.epochs)
+        epoch_start = last_log = time.perf_counter()
+        for step, (images, labels) in enumerate(train_loader, 1):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            sums += torch.stack([loss.detach().double() * labels.numel(), (logits.argmax(1) == labels).sum().double(),
+                                 torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+            if step % cfg.train.log_every == 0 or step == len(train_loader):
+                now = time.perf_counter()
+                done = step % cfg.train.log_every or cfg.train.log_every
+                rec.advance(done, loss.item(), done * cfg.train.global_batch_size / max(now - last_log, 1e-9))
+                last_log = now
+        _sync(device)
+        train_time = time.perf_counter() - epoch_start
+        rec.close_bar()
+
+        train_sums = accelerator.reduce(sums, reduction="sum").cpu()
+        # DDP keeps parameters in step but each rank's BatchNorm running statistics come from its
+        # own last batches; average them so every rank evaluates, and saves, the same model.
+        if world > 1:
+            for buffer in accelerator.unwrap_model(model).buffers():
+                if buffer.is_floating_point():
+                    buffer.copy_(accelerator.reduce(buffer.detach().clone(), reduction="mean"))
+        with accelerator.autocast():
+            counts = local_counts(accelerator.unwrap_model(model), val_loader, len(classes), device)
+        val = EvalResult.from_counts(accelerator.reduce(counts, reduction="sum"), len(classes))
+        epoch_time = time.perf_counter() - epoch_start
+
+        seen = float(train_sums[2])
+        is_best = val.accuracy > best["val_acc"]
+        if is_best:
+            best = {"val_acc": val.accuracy, "epoch": epoch}
+        record = {
+            "event": "epoch", "epoch": epoch, "lr": lr,
+            "train_loss": float(train_sums[0]) / max(seen, 1), "train_acc": float(train_sums[1]) / max(seen, 1),
+            "train_images": int(seen), "val_loss": val.loss, "val_acc": val.accuracy, "val_count": val.count,
+            "val_per_class": dict(zip(classes, val.per_class_accuracy())),
+            "images_per_s": seen / train_time, "train_time": train_time, "epoch_time": epoch_time,
+            "elapsed": time.perf_counter() - rec.started,
+        }
+        rec.log(record)
+        rec.print(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  lr {lr:.2e}  train loss {record['train_loss']:.4f} "
+                  f"acc {record['train_acc']:.4f}  val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
+                  f"{record['images_per_s']:.1f} img/s  {epoch_time:.1f}s")
+        rec.save_checkpoint({
+            "format": checkpoint.FORMAT, "epoch": epoch, "model": accelerator.unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(), "schedule": {"epoch": epoch, "lr": lr}, "rng": checkpoint.rng_state(),
+            "config": cfg.to_dict(), "classes": classes, "best": best, "world_size": world,
+        }, is_best)
+        accelerator.wait_for_everyone()  # no rank runs ahead into an epoch whose checkpoint is not on disk yet
+
+    # Replicas must hold identical weights; a mismatch means the processes did not train as one.
+    digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
+    if len(set(digests)) > 1:
+        rec.print(f"warning: processes ended with different weights: {digests}")
+    rec.log({"event": "end", "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+             "total_time": time.perf_counter() - rec.started, "weights_digest_per_rank": digests})
+    rec.print(f"best val accuracy {best['val_acc']:.4f} at epoch {best['epoch'] + 1}; run folder {run_dir}")
+    accelerator.end_training()
+    return run_dir

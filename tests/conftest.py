@@ -1,0 +1,52 @@
+"""Shared helpers: the bundled sample data, and running the CLI as a user would (1..N processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "flowers_sample"
+SHARED_FLOWERS = REPO.parent / "shared" / "flowers"
+
+# Small enough for 2 CPU cores: 32 px crops, no worker processes, no terminal bar.
+TINY = ["data.image_size=32", "data.num_workers=0", "train.progress=lines", "train.global_batch_size=8", "train.eval_batch_size=8"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(args: list[str], nprocs: int = 1, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m flowers_dist ARGS`, under `accelerate launch` when nprocs > 1."""
+    if nprocs > 1:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nprocs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "flowers_dist", *args]
+    else:
+        cmd = [sys.executable, "-m", "flowers_dist", *args]
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1" if nprocs > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny finished run on the sample data, shared by tests that need a checkpoint."""
+    out = tmp_path_factory.mktemp("runs")
+    cli(["train", "--config", "configs/quickstart.yaml", *TINY, "train.epochs=2", f"train.output_dir={out}", "train.name=tiny"])
+    return out / "tiny"

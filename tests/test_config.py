@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from flowers_dist import config
+from flowers_dist.config import ConfigError
+
+from conftest import REPO, cli
+
+
+def test_reference_recipe_is_exactly_the_recipe():
+    cfg = config.load(REPO / "configs" / "flowers_resnet18.yaml")
+    assert cfg.model.name.split(".")[0] == "resnet18" and cfg.model.pretrained == "imagenet"
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.schedule, cfg.optim.step_size, cfg.optim.gamma) == (1e-3, 0.9, "step", 7, 0.1)
+    assert cfg.train.epochs == 25
+    assert cfg.data.image_size == 224 and cfg.data.eval_resize == 256
+    assert cfg.data.mean == (0.485, 0.456, 0.406) and cfg.data.std == (0.229, 0.224, 0.225)
+    assert cfg.data.rotation > 0 and cfg.data.color_jitter > 0 and cfg.data.hflip == 0.5
+
+
+def test_quickstart_runs_offline():
+    cfg = config.load(REPO / "configs" / "quickstart.yaml")
+    assert cfg.model.pretrained == "none"
+    assert (REPO / cfg.data.root / "train").is_dir()
+
+
+def test_unknown_key_names_the_key(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 0.1\n  momentun: 0.9\n")
+    with pytest.raises(ConfigError, match=r"'optim\.momentun' is unknown"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match=r"'trian' is unknown"):
+        config.load(None, ["trian.epochs=3"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.lr=fast", "optim.lr"),
+    ("train.epochs=2.5", "train.epochs"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("data.scale=[0.5]", "data.scale"),
+    ("data.hflip=1.5", "data.hflip"),
+    ("model.channels_last=maybe", "model.channels_last"),
+])
+def test_bad_value_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"'{key}'"):
+        config.load(None, [override])
+
+
+def test_overrides_apply_and_round_trip(tmp_path: Path):
+    cfg = config.load(REPO / "configs" / "flowers_resnet18.yaml", ["optim.lr=0.01", "train.epochs=3", "data.scale=[0.2, 1]", "train.name=x"])
+    assert cfg.optim.lr == 0.01 and cfg.train.epochs == 3 and cfg.data.scale == (0.2, 1.0) and cfg.train.name == "x"
+    assert cfg.optim.momentum == 0.9  # untouched keys keep the file's values
+    config.dump(cfg, tmp_path / "c.yaml")
+    assert config.load(tmp_path / "c.yaml") == cfg
+
+
+def test_malformed_override_is_an_error():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        config.load(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="section.key"):
+        config.load(None, ["lr=0.1"])
+
+
+def test_cli_reports_config_errors_in_one_line():
+    proc = cli(["train", "--config", "configs/quickstart.yaml", "optim.lrr=0.1"], check=False, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("flowers-dist: error:") and "optim.lrr" in lines[-1]
+    assert "Traceback" not in proc.stderr

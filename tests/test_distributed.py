@@ -1,0 +1,45 @@
+"""Real multi-process runs on the CPU (gloo), launched the way users launch them."""
+
+import json
+
+import pytest
+
+from conftest import SAMPLE, TINY, cli, metrics
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_step_schedule_and_world_size(tmp_path, nprocs):
+    # 22 one-step epochs: the learning rate the loop really used, as recorded per epoch.
+    cli(["train", "--config", "configs/quickstart.yaml", *TINY, "train.epochs=22", "train.max_steps_per_epoch=1",
+         f"train.output_dir={tmp_path}", "train.name=s"], nprocs=nprocs)
+    records = metrics(tmp_path / "s")
+    start = records[0]
+    assert start["event"] == "start" and start["world_size"] == nprocs
+    epochs = {r["epoch"]: r for r in records if r["event"] == "epoch"}
+    assert sorted(epochs) == list(range(22))
+    for epoch, lr in {0: 1e-3, 6: 1e-3, 7: 1e-4, 13: 1e-4, 14: 1e-5, 20: 1e-5, 21: 1e-6}.items():
+        assert epochs[epoch]["lr"] == pytest.approx(lr, rel=1e-9), (epoch, epochs[epoch]["lr"])
+    # Each step consumed one full global batch, split over the processes.
+    assert all(r["train_images"] == 8 for r in epochs.values())
+    end = records[-1]
+    assert end["event"] == "end" and len(end["weights_digest_per_rank"]) == nprocs
+    assert len(set(end["weights_digest_per_rank"])) == 1, "ranks ended with different weights"
+
+
+def test_exact_evaluation_over_1_2_3_processes(trained_run, tmp_path):
+    # 23 sample val images (a prime): no batch size or process count splits them evenly.
+    n_val = sum(1 for _ in (SAMPLE / "val").rglob("*.jpg"))
+    assert n_val == 23
+    results = {}
+    for nprocs in (1, 2, 3):
+        out = tmp_path / f"eval{nprocs}.json"
+        cli(["eval", str(trained_run / "checkpoints" / "last.pt"), "--data", str(SAMPLE), "--batch-size", "4",
+             "--workers", "0", "--json", str(out)], nprocs=nprocs)
+        results[nprocs] = json.loads(out.read_text())
+        assert results[nprocs]["world_size"] == nprocs
+    for r in results.values():
+        assert r["count"] == 23
+        assert r["correct"] == results[1]["correct"]
+        assert r["confusion"] == results[1]["confusion"]
+        assert r["accuracy"] == pytest.approx(results[1]["accuracy"])
+        assert sum(map(sum, r["confusion"])) == 23

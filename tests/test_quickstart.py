@@ -1,0 +1,49 @@
+"""The README's first command, then the checkpoint it leaves used for eval and predict."""
+
+import json
+import shutil
+import subprocess
+
+from conftest import REPO, SAMPLE, cli, metrics
+
+
+def test_readme_quickstart_trains_end_to_end(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    assert "flowers-dist train --config configs/quickstart.yaml" in readme
+    proc = cli(["train", "--config", "configs/quickstart.yaml", f"train.output_dir={tmp_path}", "train.name=qs"], timeout=600)
+    assert "best val accuracy" in proc.stdout
+    run = tmp_path / "qs"
+    records = metrics(run)
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert len(epochs) == 3 and all(r["val_count"] == 23 for r in epochs)
+    assert all(r["images_per_s"] > 0 and 0 <= r["val_acc"] <= 1 for r in epochs)
+    assert json.loads((run / "classes.json").read_text()) == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+    env = json.loads((run / "environment.json").read_text())
+    assert env["world_size"] == 1 and env["torch"]
+    assert (run / "config.yaml").read_text().startswith("data:")
+    assert (run / "checkpoints" / "last.pt").stat().st_size > 1e6
+
+
+def test_eval_and_predict_commands(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "best.pt"
+    proc = cli(["eval", str(ckpt), "--data", str(SAMPLE), "--workers", "0"])
+    assert "confusion matrix" in proc.stdout and "per-class accuracy" in proc.stdout and "/23)" in proc.stdout
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for f in sorted((SAMPLE / "val" / "roses").iterdir())[:2]:
+        shutil.copy(f, images / f.name)
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    proc = cli(["predict", str(ckpt), str(images), "--topk", "2", "--json"])
+    results = json.loads(proc.stdout)
+    ok = [r for r in results if "top" in r]
+    assert len(ok) == 2 and len(results) == 3
+    for r in ok:
+        assert len(r["top"]) == 2 and r["top"][0]["prob"] >= r["top"][1]["prob"]
+        assert {t["class"] for t in r["top"]} <= {"daisy", "dandelion", "roses", "sunflowers", "tulips"}
+    assert "error" in next(r for r in results if r["path"].endswith("broken.jpg"))
+
+
+def test_module_and_console_script_agree():
+    out = subprocess.run(["flowers-dist", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "train" in out.stdout and "predict" in out.stdout

@@ -1,0 +1,79 @@
+"""Runs that stop, by design or by SIGKILL, resume to exactly the weights of an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from flowers_dist import checkpoint
+
+from conftest import REPO, TINY, cli, metrics
+
+RUN = ["train", "--config", "configs/quickstart.yaml", *TINY, "train.max_steps_per_epoch=2"]
+
+
+def _weights(run_dir):
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    cli([*RUN, "train.epochs=4", f"train.output_dir={tmp_path}", "train.name=full"])
+    cli([*RUN, "train.epochs=2", f"train.output_dir={tmp_path}", "train.name=part"])
+    assert _weights(tmp_path / "part")["epoch"] == 1
+    cli(["train", "--resume", str(tmp_path / "part"), "train.epochs=4"])
+
+    full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert resumed["epoch"] == full["epoch"] == 3
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    events = [r["event"] for r in metrics(tmp_path / "part")]
+    assert events.count("resume") == 1 and events.count("epoch") == 4
+    assert [r["epoch"] for r in metrics(tmp_path / "part") if r["event"] == "epoch"] == [0, 1, 2, 3]
+
+
+def test_killed_run_keeps_a_loadable_checkpoint_and_resumes(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "flowers_dist", *RUN, "train.epochs=50", f"train.output_dir={tmp_path}", "train.name=k"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "k"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").exists() and sum(r["event"] == "epoch" for r in metrics(run)) >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    state = _weights(run)  # whatever moment the kill hit, last.pt is complete
+    # The kill may land between an epoch's metrics line and its checkpoint: then that epoch is redone.
+    assert 0 <= state["epoch"] < 49
+    for record in metrics(run):  # every line written is whole
+        assert "event" in record
+    cli(["train", "--resume", str(run), f"train.epochs={state['epoch'] + 2}"])
+    assert _weights(run)["epoch"] == state["epoch"] + 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"], "a killed write's temporary file was left behind"
+    resume = [r for r in metrics(run) if r["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["from_epoch"] == state["epoch"] + 1
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "ck" / "last.pt"
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": 1}, target)
+
+    def broken_save(obj, fh):
+        fh.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    try:
+        checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": 2}, target)
+    except OSError:
+        pass
+    monkeypatch.undo()
+    assert checkpoint.load(target)["epoch"] == 1
+    assert [p.name for p in target.parent.iterdir()] == ["last.pt"]
