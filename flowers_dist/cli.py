@@ -1,4 +1,4 @@
-"""The `flowers-dist` command line: train, eval, predict, data fetch."""
+"""The `flowers-dist` command line: train, eval, predict, report, data fetch."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     pr.add_argument("--topk", type=int, default=3)
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    rep = sub.add_parser("report", help="plots and a summary of a run (finished or not) from its metrics.jsonl")
+    rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 
     data = sub.add_parser("data", help="data-set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -94,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.json)
         elif args.command == "predict":
             _predict(args)
+        elif args.command == "report":
+            from .report import write_report
+
+            files, text = write_report(args.run_dir)
+            print(text, end="")
+            print(f"wrote {len(files)} files to {args.run_dir / 'report'}")
         elif args.command == "data":
             from .data.fetch import FetchError, fetch_flowers
 

@@ -119,7 +119,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for weights of new layers, data order and augmentation."""
     log_every: int = 10
-    """Steps between loss read-backs (each is a device sync) for the progress bar."""
+    """Steps between metric read-backs (each is a device sync): progress bar, `step` rows of metrics.jsonl, W&B."""
     output_dir: str = "runs"
     """Folder that holds one sub-folder per run."""
     name: str = ""
@@ -137,11 +137,33 @@ class TrainConfig:
 
 
 @dataclass
+class TrackingConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """W&B mode; `auto` = online when credentials exist (WANDB_API_KEY or netrc), else offline (sync later)."""
+    project: str = "flowers-dist"
+    """W&B project."""
+    entity: str = ""
+    """W&B entity (user or team); empty = the account's default."""
+    tags: tuple[str, ...] = ()
+    """W&B run tags."""
+    group: str = ""
+    """W&B run group (e.g. one sweep or one comparison); empty = none."""
+    target_accuracy: float = 0.92
+    """Report the time at which val accuracy first reaches this (time-to-accuracy)."""
+
+    def validate(self) -> None:
+        _check(bool(self.project.strip()), "tracking.project", "must not be empty")
+        _check(all(t.strip() for t in self.tags), "tracking.tags", f"must not hold empty tags, got {list(self.tags)}")
+        _check(0 < self.target_accuracy <= 1, "tracking.target_accuracy", f"must be in (0, 1], got {self.target_accuracy}")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):
@@ -175,6 +197,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if origin is tuple:
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"config key '{key}': must be a list; got {value!r}")
+            return tuple(_coerce(v, args[0], key) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"config key '{key}': must be a list of {len(args)} numbers; got {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))

@@ -1,7 +1,11 @@
-"""Everything only the main process does: the run folder, metrics, checkpoints, console and progress.
+"""Everything only the main process does: the run folder, metrics, W&B, checkpoints, console and progress.
 
 Every rank holds a Recorder and calls it the same way; on the other ranks each call does
 nothing. This keeps `if is_main` out of the training loop.
+
+Every number goes to metrics.jsonl and, when tracking is on, to W&B with one monotonically
+increasing `step` (the global optimizer step) on every call: W&B silently drops rows when
+calls with and without `step` are mixed. Records logged at the same step merge into one row.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any, Iterable
 import torch
 
 from . import checkpoint
-from .config import Config, dump
+from . import tracking
+from .config import Config, TrackingConfig, dump
 
 
 def environment(world_size: int, num_nodes: int, device: torch.device) -> dict[str, Any]:
@@ -50,12 +55,18 @@ def environment(world_size: int, num_nodes: int, device: torch.device) -> dict[s
 
 
 class Recorder:
-    def __init__(self, run_dir: Path, is_main: bool, progress: str):
+    def __init__(self, run_dir: Path, is_main: bool, progress: str, accelerator=None,
+                 tracking_cfg: TrackingConfig | None = None, wandb_mode: str = "disabled"):
         self.run_dir = run_dir
         self.is_main = is_main
         self.use_bar = is_main and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
         self.started = time.perf_counter()
         self._bar = None
+        self._accelerator = accelerator  # every rank calls end_training (it tears down the process group)
+        self._tracking_cfg = tracking_cfg
+        self._wandb = is_main and accelerator is not None and tracking_cfg is not None and wandb_mode != "disabled"
+        self._wandb_mode = wandb_mode
+        self._classes: list[str] = []
 
     # -- run folder -------------------------------------------------------------------------
     @property
@@ -79,6 +90,39 @@ class Recorder:
         # after a resume, and readers keep the last record of each epoch.
         self.log({"event": "resume" if resumed else "start", "from_epoch": start_epoch,
                   "world_size": env["world_size"], "devices": env["devices"]})
+        self._classes = list(classes)
+        if self._wandb:
+            self._accelerator.init_trackers(self._tracking_cfg.project, config=tracking.run_config(cfg, env, self._classes),
+                                            init_kwargs=tracking.init_kwargs(self._tracking_cfg, self._wandb_mode, self.run_dir))
+            if self._wandb_mode == "offline":
+                run = self._accelerator.get_tracker("wandb", unwrap=True)
+                self.print(f"W&B is offline (no credentials, or asked for); upload later with: wandb sync {Path(run.dir).parent}")
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        """One `step` row: training loss, learning rate and throughput over the last log interval."""
+        if not self.is_main:
+            return
+        self.log({"event": "step", **record})
+        if self._wandb:
+            self._accelerator.log(tracking.step_values(record), step=record["step"])
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        """One `epoch` row: train/val accuracy, per-class accuracy, the confusion matrix, epoch timing."""
+        if not self.is_main:
+            return
+        self.log({"event": "epoch", **record})
+        if self._wandb:
+            self._accelerator.log(tracking.epoch_values(record, self._classes), step=record["step"])
+
+    def finish(self, record: dict[str, Any] | None = None) -> None:
+        """The `end` record (also the W&B summary), then close the trackers. Every rank calls this."""
+        if self.is_main and record is not None:
+            self.log({"event": "end", **record})
+            if self._wandb:
+                run = self._accelerator.get_tracker("wandb", unwrap=True)
+                run.summary.update({f"run/{k}": v for k, v in record.items() if k != "weights_digest_per_rank"})
+        if self._accelerator is not None:
+            self._accelerator.end_training()
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line and push it to disk: a crash loses at most the line being written."""

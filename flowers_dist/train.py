@@ -19,6 +19,7 @@ from .evaluate import EvalResult, local_counts
 from .model import build_model
 from .recorder import Recorder, environment
 from .schedule import lr_at
+from .tracking import resolve_mode
 
 
 def _run_dir(cfg: Config, config_name: str) -> Path:
@@ -42,7 +43,9 @@ def _sync(device: torch.device) -> None:
 
 def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> Path:
     """Train (or resume) one run; returns its run folder. Every process calls this."""
-    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision)
+    wandb_mode = resolve_mode(cfg.tracking)
+    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision,
+                                   log_with=None if wandb_mode == "disabled" else "wandb")
     world = accelerator.num_processes
     if cfg.train.global_batch_size % world:
         raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} does not split evenly over {world} processes")
@@ -59,21 +62,21 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
     run_dir = Path(run_dir[0])
     if resume is None and (run_dir / "checkpoints").exists():
         raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass --resume {run_dir} or choose another train.name")
-    rec = Recorder(run_dir, accelerator.is_main_process, cfg.train.progress)
+    rec = Recorder(run_dir, accelerator.is_main_process, cfg.train.progress, accelerator, cfg.tracking, wandb_mode)
 
     set_seed(cfg.train.seed)  # same new-head initialisation on every rank
     with accelerator.main_process_first():  # one download into the cache, the other ranks read it
         model = build_model(cfg.model, len(classes))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-    start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
+    start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1, "time_to_target": None}
     if resume is not None:
         state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
         if state["classes"] != classes:
             raise ConfigError(f"the classes in {cfg.data.root} differ from those the run was trained on ({state['classes']})")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
+        start_epoch, best = state["epoch"] + 1, {"time_to_target": None, **state["best"]}
         checkpoint.set_rng_state(state["rng"])
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
@@ -90,6 +93,7 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
               f"{len(train_loader)} steps/epoch, precision {cfg.train.mixed_precision}")
     if start_epoch >= cfg.train.epochs:
         rec.print(f"run already complete ({start_epoch} of {cfg.train.epochs} epochs); raise train.epochs to continue")
+        rec.finish()
         return run_dir
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -101,8 +105,10 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
         # Running sums stay on the device; reading them back is a sync, so it happens only every log_every steps.
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
         rec.epoch_bar(len(train_loader), epoch, cfg.train.epochs)
-        epoch_start = last_log = time.perf_counter()
+        epoch_start = last_log = step_end = time.perf_counter()
+        logged_sums, data_wait = sums.clone(), 0.0
         for step, (images, labels) in enumerate(train_loader, 1):
+            data_wait += time.perf_counter() - step_end  # host time blocked on the loader for this batch
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -111,10 +117,24 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
             sums += torch.stack([loss.detach().double() * labels.numel(), (logits.argmax(1) == labels).sum().double(),
                                  torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
             if step % cfg.train.log_every == 0 or step == len(train_loader):
+                # On CUDA the host runs ahead of the device, so a clock read without a sync times kernel
+                # launches, not work. Syncing every step would stall the queue; once per interval makes the
+                # interval's wall time honest at a negligible cost.
+                _sync(device)
                 now = time.perf_counter()
                 done = step % cfg.train.log_every or cfg.train.log_every
-                rec.advance(done, loss.item(), done * cfg.train.global_batch_size / max(now - last_log, 1e-9))
-                last_log = now
+                interval = max(now - last_log, 1e-9)
+                window = (sums - logged_sums).tolist()  # this rank's loss * n, correct, n since the last log
+                images_per_s = done * cfg.train.global_batch_size / interval
+                rec.advance(done, window[0] / max(window[2], 1), images_per_s)
+                rec.log_step({
+                    "step": epoch * len(train_loader) + step, "epoch": epoch, "lr": lr,
+                    "loss": window[0] / max(window[2], 1), "images_per_s": images_per_s,
+                    "images_per_s_per_process": images_per_s / world, "step_time": interval / done,
+                    "data_wait_fraction": min(data_wait / interval, 1.0), "elapsed": now - rec.started,
+                })
+                last_log, logged_sums, data_wait = now, sums.clone(), 0.0
+            step_end = time.perf_counter()
         _sync(device)
         train_time = time.perf_counter() - epoch_start
         rec.close_bar()
@@ -134,16 +154,19 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
         seen = float(train_sums[2])
         is_best = val.accuracy > best["val_acc"]
         if is_best:
-            best = {"val_acc": val.accuracy, "epoch": epoch}
+            best = {**best, "val_acc": val.accuracy, "epoch": epoch}
+        elapsed = time.perf_counter() - rec.started
+        if best["time_to_target"] is None and val.accuracy >= cfg.tracking.target_accuracy:
+            best["time_to_target"] = elapsed
         record = {
-            "event": "epoch", "epoch": epoch, "lr": lr,
+            "step": (epoch + 1) * len(train_loader), "epoch": epoch, "lr": lr,
             "train_loss": float(train_sums[0]) / max(seen, 1), "train_acc": float(train_sums[1]) / max(seen, 1),
             "train_images": int(seen), "val_loss": val.loss, "val_acc": val.accuracy, "val_count": val.count,
-            "val_per_class": dict(zip(classes, val.per_class_accuracy())),
+            "val_per_class": dict(zip(classes, val.per_class_accuracy())), "val_confusion": val.confusion,
             "images_per_s": seen / train_time, "train_time": train_time, "epoch_time": epoch_time,
-            "elapsed": time.perf_counter() - rec.started,
+            "elapsed": elapsed,
         }
-        rec.log(record)
+        rec.log_epoch(record)
         rec.print(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  lr {lr:.2e}  train loss {record['train_loss']:.4f} "
                   f"acc {record['train_acc']:.4f}  val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
                   f"{record['images_per_s']:.1f} img/s  {epoch_time:.1f}s")
@@ -158,8 +181,8 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
     digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
     if len(set(digests)) > 1:
         rec.print(f"warning: processes ended with different weights: {digests}")
-    rec.log({"event": "end", "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
-             "total_time": time.perf_counter() - rec.started, "weights_digest_per_rank": digests})
     rec.print(f"best val accuracy {best['val_acc']:.4f} at epoch {best['epoch'] + 1}; run folder {run_dir}")
-    accelerator.end_training()
+    rec.finish({"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "total_time": time.perf_counter() - rec.started,
+                "target_accuracy": cfg.tracking.target_accuracy, "time_to_target": best["time_to_target"],
+                "weights_digest_per_rank": digests})
     return run_dir

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def cli(args: list[str], nprocs: int = 1, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m flowers_dist ARGS`, under `accelerate launch` when nprocs > 1."""
+    """Run `python -m flowers_dist ARGS`, under `accelerate launch` when nprocs > 1; env values of None unset."""
     if nprocs > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nprocs),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -34,6 +34,7 @@ def cli(args: list[str], nprocs: int = 1, env: dict | None = None, timeout: floa
     else:
         cmd = [sys.executable, "-m", "flowers_dist", *args]
     full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1" if nprocs > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # env={"X": None} unsets X
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")

@@ -11,7 +11,7 @@ import logging
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -40,8 +40,9 @@ def eval_transform(cfg: DataConfig) -> Callable:
 
 
 def load_rgb(path) -> Image.Image:
+    # Honour the EXIF orientation tag, as DALI's decoder does, so both loaders see the same pixels.
     with Image.open(path) as img:
-        return img.convert("RGB")
+        return ImageOps.exif_transpose(img).convert("RGB")
 
 
 class ImageFiles(Dataset):

@@ -1,0 +1,151 @@
+"""`flowers-dist report RUN_DIR`: plots and a text summary from metrics.jsonl alone (finished or killed runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """The records of a run: a cut-off last line is skipped, and after a resume the last record per epoch/step wins."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"report {run_dir}: no metrics.jsonl there; is it a run folder?")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written when the run was killed
+    epochs = {r["epoch"]: r for r in records if r.get("event") == "epoch"}
+    steps = {r["step"]: r for r in records if r.get("event") == "step"}
+    ends = [r for r in records if r.get("event") == "end"]
+    classes_file = run_dir / "classes.json"
+    classes = json.loads(classes_file.read_text()) if classes_file.is_file() else None
+    return {"epochs": [epochs[k] for k in sorted(epochs)], "steps": [steps[k] for k in sorted(steps)],
+            "end": ends[-1] if ends else None, "classes": classes, "starts": [r for r in records if r.get("event") in ("start", "resume")]}
+
+
+def summary_text(run_dir: Path, m: dict[str, Any], target: float | None) -> str:
+    epochs, end = m["epochs"], m["end"]
+    lines = [f"run {run_dir}", f"status: {'finished' if end else 'unfinished (no end record: killed or still running)'}",
+             f"epochs recorded: {len(epochs)}, step rows: {len(m['steps'])}, (re)starts: {len(m['starts'])}"]
+    if epochs:
+        best = max(epochs, key=lambda r: (r["val_acc"], -r["epoch"]))
+        last = epochs[-1]
+        lines.append(f"best val accuracy: {best['val_acc']:.4f} at epoch {best['epoch'] + 1} (val loss {best['val_loss']:.4f})")
+        lines.append(f"last epoch {last['epoch'] + 1}: train loss {last['train_loss']:.4f} acc {last['train_acc']:.4f}, "
+                     f"val loss {last['val_loss']:.4f} acc {last['val_acc']:.4f}")
+        mean_ips = sum(r["images_per_s"] for r in epochs) / len(epochs)
+        lines.append(f"training throughput: {mean_ips:.1f} images/s (mean over epochs)")
+        if target is not None:
+            hit = next((r for r in epochs if r["val_acc"] >= target), None)
+            lines.append(f"time to {target:.2%} val accuracy: " + (f"{hit['elapsed']:.1f} s (epoch {hit['epoch'] + 1})" if hit else "not reached"))
+    if m["steps"]:
+        waits = [r["data_wait_fraction"] for r in m["steps"]]
+        lines.append(f"data wait: {sum(waits) / len(waits):.1%} of step time (mean over step rows)")
+    if end:
+        lines.append(f"total time: {end['total_time']:.1f} s")
+    return "\n".join(lines) + "\n"
+
+
+def _target(run_dir: Path, m: dict[str, Any]) -> float | None:
+    if m["end"] and "target_accuracy" in m["end"]:
+        return m["end"]["target_accuracy"]
+    try:
+        import yaml
+
+        return float(yaml.safe_load((run_dir / "config.yaml").read_text())["tracking"]["target_accuracy"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def write_report(run_dir: Path) -> tuple[list[Path], str]:
+    """Write RUN_DIR/report/*.png and summary.txt; returns the files and the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    m = read_metrics(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    epochs, steps, written = m["epochs"], m["steps"], []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(out / name)
+
+    # An epoch's row sits at the step that ended it, so steps and epochs share one x axis.
+    def epoch_x(r):
+        return r.get("step", r["epoch"] + 1)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if steps:
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], alpha=0.5, label="train loss (log interval, rank 0)")
+    ax.plot([epoch_x(r) for r in epochs], [r["train_loss"] for r in epochs], "o-", label="train loss (epoch)")
+    ax.plot([epoch_x(r) for r in epochs], [r["val_loss"] for r in epochs], "s-", label="val loss")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy", title="loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, "loss.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["epoch"] + 1 for r in epochs], [r["train_acc"] for r in epochs], "o-", label="train")
+    ax.plot([r["epoch"] + 1 for r in epochs], [r["val_acc"] for r in epochs], "s-", label="val")
+    target = _target(run_dir, m)
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.0%}")
+    ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if steps:
+        ax.plot([r["step"] for r in steps], [r["lr"] for r in steps], ".-")
+    else:
+        ax.plot([epoch_x(r) for r in epochs], [r["lr"] for r in epochs], "o-")
+    ax.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate", yscale="log")
+    ax.grid(alpha=0.3)
+    save(fig, "lr.png")
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    if steps:
+        top.plot([r["elapsed"] for r in steps], [r["images_per_s"] for r in steps], ".-", alpha=0.7, label="log interval")
+        bottom.plot([r["elapsed"] for r in steps], [r["data_wait_fraction"] for r in steps], ".-")
+    top.plot([r["elapsed"] for r in epochs], [r["images_per_s"] for r in epochs], "o", label="epoch (training part)")
+    top.set(ylabel="images/s (all processes)", title="throughput")
+    top.legend()
+    top.grid(alpha=0.3)
+    bottom.set(xlabel="seconds since (re)start", ylabel="data-wait fraction", ylim=(0, 1))
+    bottom.grid(alpha=0.3)
+    save(fig, "throughput.png")
+
+    with_confusion = [r for r in epochs if r.get("val_confusion")]
+    if with_confusion:
+        best = max(with_confusion, key=lambda r: (r["val_acc"], -r["epoch"]))
+        confusion = best["val_confusion"]
+        classes = m["classes"] or [str(i) for i in range(len(confusion))]
+        fig, ax = plt.subplots(figsize=(6.5, 5.5))
+        image = ax.imshow(confusion, cmap="Blues")
+        fig.colorbar(image, ax=ax)
+        peak = max(max(row) for row in confusion) or 1
+        for i, row in enumerate(confusion):
+            for j, n in enumerate(row):
+                ax.text(j, i, str(n), ha="center", va="center", color="white" if n > peak / 2 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set(xlabel="predicted", ylabel="true", title=f"val confusion, best epoch {best['epoch'] + 1} (acc {best['val_acc']:.3f})")
+        save(fig, "confusion.png")
+
+    text = summary_text(run_dir, m, target)
+    (out / "summary.txt").write_text(text)
+    written.append(out / "summary.txt")
+    return written, text

@@ -1,0 +1,87 @@
+"""W&B settings for a run: which mode to use, the init arguments, and the values W&B renders."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .config import Config, TrackingConfig
+
+
+def has_credentials() -> bool:
+    """An API key in the environment, or a netrc entry for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(cfg: TrackingConfig) -> str:
+    """online, offline or disabled. A set WANDB_MODE decides `auto` (tests set it to disabled)."""
+    if cfg.wandb != "auto":
+        return cfg.wandb
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    return "online" if has_credentials() else "offline"
+
+
+def init_kwargs(cfg: TrackingConfig, mode: str, run_dir: Path) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name, "tags": list(cfg.tags)}
+    if cfg.group:
+        kwargs["group"] = cfg.group
+    if cfg.entity:
+        kwargs["entity"] = cfg.entity
+    return {"wandb": kwargs}
+
+
+def run_config(cfg: Config, env: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """What W&B records once: the resolved config, code and library versions, hardware."""
+    return {**cfg.to_dict(), "environment": env, "classes": classes}
+
+
+def step_values(record: dict[str, Any]) -> dict[str, Any]:
+    """The W&B keys of one `step` record of metrics.jsonl."""
+    return {
+        "epoch": record["epoch"],
+        "train/loss": record["loss"],
+        "train/lr": record["lr"],
+        "perf/images_per_s": record["images_per_s"],
+        "perf/images_per_s_per_process": record["images_per_s_per_process"],
+        "perf/step_time": record["step_time"],
+        "perf/data_wait_fraction": record["data_wait_fraction"],
+    }
+
+
+def epoch_values(record: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """The W&B keys of one `epoch` record, with the confusion matrix as a W&B chart."""
+    import wandb
+
+    values = {
+        "epoch": record["epoch"],
+        "train/epoch_loss": record["train_loss"],
+        "train/accuracy": record["train_acc"],
+        "val/loss": record["val_loss"],
+        "val/accuracy": record["val_acc"],
+        "perf/epoch_time": record["epoch_time"],
+        "perf/epoch_images_per_s": record["images_per_s"],
+        **{f"val/accuracy_{name}": acc for name, acc in record["val_per_class"].items()},
+    }
+    # wandb.plot.confusion_matrix wants one (true, predicted) pair per sample; expand the counts.
+    y_true, preds = [], []
+    for i, row in enumerate(record["val_confusion"]):
+        for j, n in enumerate(row):
+            y_true += [i] * n
+            preds += [j] * n
+    if y_true:
+        values["val/confusion"] = wandb.plot.confusion_matrix(y_true=y_true, preds=preds, class_names=classes,
+                                                              title=f"val confusion, epoch {record['epoch']}")
+    return values
