@@ -21,7 +21,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flowers_dist.config import DataConfig  # noqa: E402
-from flowers_dist.data import Placement, build_loader, default_workers, scan_split  # noqa: E402
+from flowers_dist.bench.loader import loader_rates  # noqa: E402
+from flowers_dist.data import Placement, default_workers, scan_split  # noqa: E402
 
 RECIPES = {
     # The reference recipe (configs/flowers_resnet18.yaml) and the plain crop + flip.
@@ -40,28 +40,11 @@ RECIPES = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(loader_kind: str, recipe: str, split, batch: int, workers: int, epochs: int, device: torch.device) -> list[float]:
-    """Images/s of `epochs` epochs after one warm-up epoch."""
+    """Images/s of `epochs` epochs after one warm-up epoch (the same measurement as `flowers-dist bench loader`)."""
     cfg = DataConfig(loader=loader_kind, **RECIPES[recipe])
     placement = Placement(rank=0, world_size=1, device=device, workers=workers)
-    loader = build_loader(cfg, split, train=True, batch_per_rank=batch, placement=placement, seed=0)
-    rates = []
-    for epoch in range(epochs + 1):
-        loader.set_epoch(epoch)
-        _sync(device)
-        start, images = time.perf_counter(), 0
-        for x, _ in loader:
-            images += x.shape[0]
-        _sync(device)  # the last batch must have arrived before the clock is read
-        if epoch > 0:  # epoch 0 is the warm-up
-            rates.append(images / (time.perf_counter() - start))
-    del loader
-    return rates
+    return loader_rates(cfg, split, batch, placement, epochs)
 
 
 def _commit() -> str:

@@ -1,4 +1,4 @@
-"""The `flowers-dist` command line: train, eval, predict, report, data fetch."""
+"""The `flowers-dist` command line: train, eval, predict, report, bench, data fetch."""
 
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="plots and a summary of a run (finished or not) from its metrics.jsonl")
     rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+
+    bench = sub.add_parser("bench", help="measure loader, model step, training loop or scaling, and say where the time goes",
+                           description="Benchmark one part of training with a YAML config; extra arguments section.key=value override it.")
+    from .bench import add_arguments
+
+    add_arguments(bench)
 
     data = sub.add_parser("data", help="data-set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -87,7 +93,13 @@ def _predict(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives the bench positionals (mode, overrides) out in one piece; overrides after options come back here.
+    if extra and (args.command != "bench" or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         if args.command == "train":
             _train(args)
@@ -103,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             files, text = write_report(args.run_dir)
             print(text, end="")
             print(f"wrote {len(files)} files to {args.run_dir / 'report'}")
+        elif args.command == "bench":
+            from .bench import run
+
+            run(args)
         elif args.command == "data":
             from .data.fetch import FetchError, fetch_flowers
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,8 +36,19 @@ def resolve_mode(cfg: TrackingConfig) -> str:
     return "online" if has_credentials() else "offline"
 
 
+def run_id(run_dir: Path) -> str:
+    """The W&B run id of this run folder, made once and kept, so that `--resume` continues the same W&B run."""
+    path = run_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    new_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id alphabet
+    path.write_text(new_id + "\n")
+    return new_id
+
+
 def init_kwargs(cfg: TrackingConfig, mode: str, run_dir: Path) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name, "tags": list(cfg.tags)}
+    kwargs: dict[str, Any] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name, "tags": list(cfg.tags),
+                              "id": run_id(run_dir), "resume": "allow"}
     if cfg.group:
         kwargs["group"] = cfg.group
     if cfg.entity:

@@ -36,9 +36,21 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device: on CUDA the host runs ahead, so a clock read without this times launches."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               backward=torch.Tensor.backward) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step (forward, loss, backward, update); `backward` is Accelerate's under DDP or mixed precision."""
+    logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    backward(loss)
+    optimizer.step()
+    return logits, loss
 
 
 def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> Path:
@@ -109,18 +121,14 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
         logged_sums, data_wait = sums.clone(), 0.0
         for step, (images, labels) in enumerate(train_loader, 1):
             data_wait += time.perf_counter() - step_end  # host time blocked on the loader for this batch
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
+            logits, loss = train_step(model, optimizer, images, labels, accelerator.backward)
             sums += torch.stack([loss.detach().double() * labels.numel(), (logits.argmax(1) == labels).sum().double(),
                                  torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
             if step % cfg.train.log_every == 0 or step == len(train_loader):
                 # On CUDA the host runs ahead of the device, so a clock read without a sync times kernel
                 # launches, not work. Syncing every step would stall the queue; once per interval makes the
                 # interval's wall time honest at a negligible cost.
-                _sync(device)
+                sync(device)
                 now = time.perf_counter()
                 done = step % cfg.train.log_every or cfg.train.log_every
                 interval = max(now - last_log, 1e-9)
@@ -135,7 +143,7 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
                 })
                 last_log, logged_sums, data_wait = now, sums.clone(), 0.0
             step_end = time.perf_counter()
-        _sync(device)
+        sync(device)
         train_time = time.perf_counter() - epoch_start
         rec.close_bar()
 

@@ -122,3 +122,14 @@ def test_auto_mode_follows_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_mode(auto) == "disabled"
     assert resolve_mode(config.load(None, ["tracking.wandb=offline"]).tracking) == "offline"
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path):
+    run = tmp_path / "r"
+    args = ["train", "--config", "configs/quickstart.yaml", *TINY, "train.max_steps_per_epoch=2", "tracking.wandb=offline",
+            "data.loader=torch", f"train.output_dir={tmp_path}", "train.name=r"]
+    cli([*args, "train.epochs=1"])
+    cli(["train", "--resume", str(run), "train.epochs=2"])
+    run_id = (run / "wandb_run_id").read_text().strip()
+    offline = sorted(p.name for p in (run / "wandb").iterdir() if p.name.startswith("offline-run-"))
+    assert len(offline) == 2 and all(name.endswith(f"-{run_id}") for name in offline), (run_id, offline)

@@ -1,0 +1,105 @@
+"""`flowers-dist bench MODE`: measure the loader, the model step, the training loop and its scaling, and say where the time goes.
+
+Every mode excludes warm-up, synchronises the device before reading a clock, repeats, and
+reports the median with its range; it prints a table and writes every figure, with the machine,
+the versions and the config, to a JSON file (`--out`, default runs/bench-<mode>-<time>/bench.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from .common import out_path, table, write_result
+
+MODES = ("loader", "step", "train", "scaling")
+NUM_CLASSES = 5  # the flowers head; the step mode needs no data set
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mode", choices=MODES, help="loader: DALI vs PyTorch vs decode only; step: model step vs matmul peak; "
+                        "train: the loop's time split; scaling: train on 1..N processes")
+    parser.add_argument("--config", type=Path, required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--out", type=Path, help="JSON result file (default runs/bench-<mode>-<time>/bench.json under train.output_dir)")
+    parser.add_argument("--repeats", type=int, default=3, help="loader/step: timed repeats (median and range reported)")
+    parser.add_argument("--epochs", type=int, default=1, help="loader: timed epochs per repeat, after one warm-up epoch")
+    parser.add_argument("--warmup", type=int, default=2, help="step/train/scaling: untimed steps first")
+    parser.add_argument("--steps", type=int, default=5, help="step: steps per repeat; train/scaling: timed steps")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"], help="step: autocast precisions")
+    parser.add_argument("--formats", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"], help="step: memory formats")
+    parser.add_argument("--compile", action="store_true", help="step: torch.compile the model (slow to compile on the CPU)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="step: side of the square matmul that sets the peak")
+    parser.add_argument("--max-processes", type=int, default=2, help="scaling: world sizes 1..N")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+def _device(cfg: Config) -> torch.device:
+    return torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else "cpu")
+
+
+def _report(mode: str, results: dict[str, Any]) -> str:
+    if mode == "loader":
+        rows = [{"setting": r["setting"], **{k: r["images_per_s"][k] for k in ("median", "min", "max")}} for r in results["rows"]]
+        text = table(rows, [("setting", "setting", "s"), ("median", "img/s", ".0f"), ("min", "min", ".0f"), ("max", "max", ".0f")])
+        return text + f"\nDALI / PyTorch = {results['ratio_dali_over_torch']:.2f}x"
+    if mode == "step":
+        rows = [{**r, "img_s": r["images_per_s"]["median"], "spread": f"{r['images_per_s']['min']:.1f}-{r['images_per_s']['max']:.1f}",
+                 "gflops": r["achieved_flops_per_s"] / 1e9, "peak": 100 * r["fraction_of_matmul_peak"]} for r in results["rows"]]
+        peaks = ", ".join(f"{p} {v['flops_per_s']['max'] / 1e9:.0f} GFLOP/s (median {v['flops_per_s']['median'] / 1e9:.0f})" for p, v in results["matmul_peak"].items())
+        return (table(rows, [("precision", "precision", "s"), ("memory_format", "format", "s"), ("img_s", "img/s", ".1f"),
+                             ("spread", "range", "s"), ("gflops", "GFLOP/s", ".1f"), ("peak", "% of matmul", ".0f")])
+                + f"\nmatmul peak ({results['matmul_peak'][next(iter(results['matmul_peak']))]['size']}^2): {peaks}; "
+                  f"{results['rows'][0]['flops_per_image'] / 1e9:.2f} GFLOP per image (fwd + bwd, counted)")
+    if mode == "train":
+        f = results["fractions"]
+        return (f"{results['world_size']} process(es), {results['loader']}, global batch {results['global_batch']}: "
+                f"{results['images_per_s']:.1f} img/s, step {1000 * results['step_time']:.0f} ms = data wait {100 * f['data wait']:.0f}% "
+                f"+ compute {100 * f['compute']:.0f}% + communication {100 * f['communication']:.0f}%\n"
+                f"bottleneck: {results['bottleneck']}; most likely to move it: {results['advice']}")
+    rows = [{**r, "eff": 100 * r["efficiency"]} for r in results["rows"]]
+    return table(rows, [("processes", "processes", "d"), ("images_per_s", "img/s", ".1f"), ("eff", "efficiency %", ".0f"),
+                        ("bottleneck", "bottleneck", "s")])
+
+
+def run(args: argparse.Namespace) -> Path | None:
+    """Run one mode; returns the JSON file written (None on the non-main processes of `train`)."""
+    from .. import config as config_module
+
+    cfg = config_module.load(args.config, args.overrides)
+    device, world, nodes = _device(cfg), 1, 1
+    if args.mode == "loader":
+        from ..data import default_workers
+        from .loader import bench_loader
+
+        workers = default_workers(1) if cfg.data.num_workers < 0 else cfg.data.num_workers
+        results = bench_loader(cfg, device, workers, args.repeats, args.epochs)
+    elif args.mode == "step":
+        from .step import bench_step
+
+        results = bench_step(cfg.model, NUM_CLASSES, cfg.data.image_size, cfg.train.global_batch_size, device,
+                             precisions=args.precisions, formats=args.formats, compile_model=args.compile,
+                             warmup=args.warmup, steps=args.steps, repeats=args.repeats, matmul_size=args.matmul_size)
+    elif args.mode == "train":
+        from .loop import bench_train
+
+        results, accelerator = bench_train(cfg, args.warmup, args.steps)
+        if results is None:
+            accelerator.end_training()
+            return None
+        device, world, nodes = accelerator.device, results["world_size"], results["num_nodes"]
+    else:
+        from .scaling import bench_scaling
+
+        path = out_path(args.out, cfg, args.mode)
+        results = bench_scaling(args.config, args.overrides, cfg.train.global_batch_size, args.max_processes,
+                                args.warmup, args.steps, path.parent / "scaling")
+    path = write_result(out_path(args.out, cfg, args.mode), args.mode, cfg, device, results, world, nodes)
+    print(_report(args.mode, results))
+    print(f"wrote {path}")
+    if args.mode == "train":
+        accelerator.end_training()
+    return path

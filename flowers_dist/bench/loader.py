@@ -1,0 +1,111 @@
+"""`bench loader`: DALI against the PyTorch loader on a real folder, and the decode-only ceilings.
+
+Both loaders are built through `build_loader`, as training builds them, with the same
+augmentation, batch and number of threads/workers, and both deliver the contract's batches
+(normalised, on the device). The ceilings decode whole JPEGs and nothing else: DALI's decoder
+(nvJPEG on a GPU), and Pillow in a thread pool of the same size (Pillow releases the GIL while
+decoding). Settings run in turns, `repeats` times, so that load from other processes falls on
+all of them alike; each turn runs one warm-up epoch (pipeline build, worker start-up, page
+cache) before the timed ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+from ..config import Config, DataConfig
+from ..data import Placement, build_loader, scan_dataset
+from ..data.folder import Split
+from ..train import sync
+from .common import spread
+
+
+def loader_rates(cfg: DataConfig, split: Split, batch: int, placement: Placement, epochs: int) -> list[float]:
+    """Images/s the loader yields in each of `epochs` epochs after one warm-up epoch."""
+    loader = build_loader(cfg, split, train=True, batch_per_rank=batch, placement=placement, seed=0)
+    rates = []
+    for epoch in range(epochs + 1):
+        loader.set_epoch(epoch)
+        sync(placement.device)
+        start, images = time.perf_counter(), 0
+        for x, _ in loader:
+            images += x.shape[0]
+        sync(placement.device)  # the last batch must have arrived before the clock is read
+        if epoch > 0:  # epoch 0 is the warm-up
+            rates.append(images / (time.perf_counter() - start))
+    del loader
+    return rates
+
+
+def _epochs_of(run_epoch: Callable[[], int], epochs: int) -> list[float]:
+    rates = []
+    for epoch in range(epochs + 1):
+        start = time.perf_counter()
+        images = run_epoch()
+        if epoch > 0:
+            rates.append(images / (time.perf_counter() - start))
+    return rates
+
+
+def pil_decode_rates(split: Split, threads: int, epochs: int) -> list[float]:
+    from PIL import Image
+
+    def decode(path) -> None:
+        with Image.open(path) as img:
+            img.convert("RGB")
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return _epochs_of(lambda: sum(1 for _ in pool.map(decode, split.files)), epochs)
+
+
+def dali_decode_rates(split: Split, batch: int, threads: int, device: torch.device, epochs: int) -> list[float]:
+    from nvidia.dali import fn, pipeline_def, types
+
+    on_gpu = device.type == "cuda"
+
+    @pipeline_def
+    def decode_only():
+        jpegs, _ = fn.readers.file(files=[str(f) for f in split.files], name="Reader")
+        return fn.decoders.image(jpegs, output_type=types.RGB, device="mixed" if on_gpu else "cpu")
+
+    pipe = decode_only(batch_size=batch, num_threads=max(1, threads), device_id=(device.index or 0) if on_gpu else None)
+    pipe.build()
+    steps = len(split) // batch
+
+    def epoch() -> int:
+        for _ in range(steps):
+            pipe.run()
+        sync(device)
+        return steps * batch
+
+    rates = _epochs_of(epoch, epochs)
+    del pipe
+    return rates
+
+
+def bench_loader(cfg: Config, device: torch.device, workers: int, repeats: int, epochs: int) -> dict[str, Any]:
+    """Images/s of every setting (median and spread over repeats x epochs) and the DALI / PyTorch ratio."""
+    split, _ = scan_dataset(cfg.data.root)
+    batch = cfg.train.global_batch_size
+    placement = Placement(rank=0, world_size=1, device=device, workers=workers)
+    settings: dict[str, Callable[[], list[float]]] = {
+        "dali": lambda: loader_rates(dataclasses.replace(cfg.data, loader="dali"), split, batch, placement, epochs),
+        "torch": lambda: loader_rates(dataclasses.replace(cfg.data, loader="torch"), split, batch, placement, epochs),
+        "dali_decode_only": lambda: dali_decode_rates(split, batch, workers, device, epochs),
+        "pil_decode_only": lambda: pil_decode_rates(split, workers, epochs),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(repeats):
+        for name, run in settings.items():
+            rates[name] += run()
+    rows = [{"setting": name, "images_per_s": spread(r)} for name, r in rates.items()]
+    medians = {row["setting"]: row["images_per_s"]["median"] for row in rows}
+    return {"images": len(split), "batch": batch, "workers": workers, "repeats": repeats, "epochs": epochs,
+            "rows": rows, "ratio_dali_over_torch": medians["dali"] / medians["torch"],
+            "dali_fraction_of_decode_ceiling": medians["dali"] / medians["dali_decode_only"],
+            "torch_fraction_of_decode_ceiling": medians["torch"] / medians["pil_decode_only"]}
