@@ -82,6 +82,7 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1, "time_to_target": None}
+    loader_state = None
     if resume is not None:
         state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
         if state["classes"] != classes:
@@ -90,12 +91,16 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"] + 1, {"time_to_target": None, **state["best"]}
         checkpoint.set_rng_state(state["rng"])
+        # Per-rank loader positions only mean something for the same shards, i.e. the same world size.
+        saved = state.get("loader_states") or []
+        if state.get("world_size") == world and len(saved) == world:
+            loader_state = saved[accelerator.process_index]
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
 
     place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
     train_loader = build_loader(cfg.data, train_split, train=True, batch_per_rank=batch_per_rank, placement=place,
-                                seed=cfg.train.seed, max_steps=cfg.train.max_steps_per_epoch)
+                                seed=cfg.train.seed, max_steps=cfg.train.max_steps_per_epoch, resume_state=loader_state)
     val_loader = build_loader(cfg.data, val_split, train=False, batch_per_rank=cfg.train.eval_batch_size,
                               placement=place, seed=cfg.train.seed)
 
@@ -178,10 +183,12 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
         rec.print(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  lr {lr:.2e}  train loss {record['train_loss']:.4f} "
                   f"acc {record['train_acc']:.4f}  val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
                   f"{record['images_per_s']:.1f} img/s  {epoch_time:.1f}s")
+        loader_states = gather_object([train_loader.resume_state()])  # every rank's, saved by the main one
         rec.save_checkpoint({
             "format": checkpoint.FORMAT, "epoch": epoch, "model": accelerator.unwrap_model(model).state_dict(),
             "optimizer": optimizer.state_dict(), "schedule": {"epoch": epoch, "lr": lr}, "rng": checkpoint.rng_state(),
             "config": cfg.to_dict(), "classes": classes, "best": best, "world_size": world,
+            "loader_states": loader_states,
         }, is_best)
         accelerator.wait_for_everyone()  # no rank runs ahead into an epoch whose checkpoint is not on disk yet
 

@@ -6,24 +6,28 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from flowers_dist import checkpoint
+from flowers_dist.data import dali_status
 
 from conftest import REPO, TINY, cli, metrics
 
-# The PyTorch loader's order and augmentation are pure functions of (seed, epoch, file), which is
-# what makes a resumed run bit-identical; DALI restarts its reader sequence on resume.
-RUN = ["train", "--config", "configs/quickstart.yaml", *TINY, "train.max_steps_per_epoch=2", "data.loader=torch"]
+# A resumed run is bit-identical to an uninterrupted one: the PyTorch loader's order and augmentation
+# are pure functions of (seed, epoch, file); DALI's reader and random state are saved per rank.
+RUN = ["train", "--config", "configs/quickstart.yaml", *TINY, "train.max_steps_per_epoch=2"]
 
 
 def _weights(run_dir):
     return checkpoint.load(run_dir / "checkpoints" / "last.pt")
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-    cli([*RUN, "train.epochs=4", f"train.output_dir={tmp_path}", "train.name=full"])
-    cli([*RUN, "train.epochs=2", f"train.output_dir={tmp_path}", "train.name=part"])
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_status()[0], reason="DALI not installed"))])
+def test_resume_matches_uninterrupted_run(tmp_path, loader):
+    run = [*RUN, f"data.loader={loader}"]
+    cli([*run, "train.epochs=4", f"train.output_dir={tmp_path}", "train.name=full"])
+    cli([*run, "train.epochs=2", f"train.output_dir={tmp_path}", "train.name=part"])
     assert _weights(tmp_path / "part")["epoch"] == 1
     cli(["train", "--resume", str(tmp_path / "part"), "train.epochs=4"])
 
@@ -38,7 +42,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 def test_killed_run_keeps_a_loadable_checkpoint_and_resumes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "flowers_dist", *RUN, "train.epochs=50", f"train.output_dir={tmp_path}", "train.name=k"],
+    proc = subprocess.Popen([sys.executable, "-m", "flowers_dist", *RUN, "data.loader=torch", "train.epochs=50", f"train.output_dir={tmp_path}", "train.name=k"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "k"
     deadline = time.time() + 240

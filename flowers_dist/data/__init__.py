@@ -37,8 +37,12 @@ def dali_status() -> tuple[bool, str]:
     return True, f"nvidia.dali {nvidia.dali.__version__} imports"
 
 
-def build_loader(cfg: DataConfig, split: Split, *, train: bool, batch_per_rank: int, placement: Placement, seed: int, max_steps: int = 0) -> BatchLoader:
-    """The loader that cfg.loader names (auto: DALI when it imports, else PyTorch), behind the one contract."""
+def build_loader(cfg: DataConfig, split: Split, *, train: bool, batch_per_rank: int, placement: Placement, seed: int,
+                 max_steps: int = 0, resume_state: str | None = None) -> BatchLoader:
+    """The loader that cfg.loader names (auto: DALI when it imports, else PyTorch), behind the one contract.
+
+    `resume_state` is what this rank's loader returned from `resume_state()` when the run was saved.
+    """
     kind = cfg.loader
     if kind in ("dali", "auto"):
         ok, why = dali_status()
@@ -52,7 +56,7 @@ def build_loader(cfg: DataConfig, split: Split, *, train: bool, batch_per_rank: 
     if kind == "dali":
         from .dali import build_dali_loader
 
-        return build_dali_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps)
+        return build_dali_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps, resume_state)
     from .torch_loader import build_torch_loader
 
     return build_torch_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps)

@@ -22,6 +22,13 @@ class BatchLoader(Protocol):
 
     def set_epoch(self, epoch: int) -> None: ...
 
+    def resume_state(self) -> str | None:
+        """This rank's state at an epoch boundary, to rebuild the loader exactly there on resume.
+
+        None when the loader needs none: its order and augmentation are functions of the epoch.
+        """
+        ...
+
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...

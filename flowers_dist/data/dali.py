@@ -9,8 +9,9 @@ full batches per epoch, as `train_shard` does, so no rank waits for another in t
 Differences from the PyTorch loader, by design:
 - The epoch order is the reader's own sequence of permutations; it does not depend on
   `train.seed` (measured: DALI seeds shuffle_after_epoch with a constant plus the epoch), and
-  `set_epoch` only records the epoch. A resumed run therefore restarts that sequence and the
-  augmentation random streams: it is not bit-identical to an uninterrupted run.
+  `set_epoch` only records the epoch. To resume exactly, the loop saves each rank's DALI
+  checkpoint (`resume_state()`, reader position and random generators) with the run and
+  rebuilds the pipeline from it; a resume on a different number of processes starts afresh.
 - Augmentation is drawn per rank (pipeline seed from seed and rank), not per file.
 - A file DALI cannot decode stops the run with a one-line DataError that names the file and
   data.loader=torch, which skips such files instead.
@@ -158,6 +159,11 @@ class DaliLoader:
         """Record the epoch; the order is the reader's next permutation (see the module docstring)."""
         self.epoch = epoch
 
+    def resume_state(self) -> str | None:
+        """DALI's checkpoint of reader position and random generators (training only; at an epoch boundary,
+        where __iter__ leaves it)."""
+        return self.iterator.checkpoints()[0] if self.train else None
+
     def __len__(self) -> int:
         return self.steps
 
@@ -232,7 +238,7 @@ def suspect_files(files, limit: int = 3) -> list:
 
 
 def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement,
-                      seed: int, max_steps: int = 0) -> DaliLoader:
+                      seed: int, max_steps: int = 0, resume_state: str | None = None) -> DaliLoader:
     """The DALI loader for one split; placement.workers is DALI's thread count (0 counts as 1)."""
     p = placement
     on_gpu = p.device.type == "cuda"
@@ -249,7 +255,10 @@ def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank
         if steps == 0:
             raise DataError(f"{split.root}: {n} images do not fill one global batch of {batch_per_rank * p.world_size}")
         # The augmentation seed differs per rank; the reader's seed is the same on all.
-        pipe = train_pipeline(**common, reader_seed=seed, seed=(seed * 1_000_003 + p.rank) % 2**31)
+        # Checkpointing lets a resumed run continue the reader's permutations and the random
+        # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
+        pipe = train_pipeline(**common, reader_seed=seed, seed=(seed * 1_000_003 + p.rank) % 2**31,
+                              enable_checkpointing=True, checkpoint=resume_state)
         num_samples = steps * batch_per_rank
     else:
         pipe = val_pipeline(**common, seed=seed % 2**31)

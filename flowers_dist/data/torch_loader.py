@@ -113,6 +113,9 @@ class TorchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.batches.epoch = epoch
 
+    def resume_state(self) -> None:
+        return None  # order and augmentation are pure functions of (seed, epoch, file)
+
     def __len__(self) -> int:
         return len(self.batches)
 
