@@ -10,7 +10,8 @@ import torch
 
 from . import checkpoint
 from .config import from_dict
-from .data import build_loader, scan_split
+from .data import Placement, build_loader, scan_split
+from .data.contract import DeviceNormalizer
 from .data.folder import IMAGE_SUFFIXES, DataError, resolve_eval_dir
 from .data.torch_loader import eval_transform, load_rgb
 from .distributed import make_accelerator, placement
@@ -67,8 +68,7 @@ def predict(checkpoint_path: str | Path, inputs: list[str], topk: int, batch_siz
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, classes = load_trained(checkpoint_path, device)
     transform = eval_transform(cfg.data)
-    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1) * 255
+    normalize = DeviceNormalizer(cfg.data.mean, cfg.data.std, Placement(0, 1, device, channels_last=cfg.model.channels_last))
     k = min(topk, len(classes))
     results = []
     paths = image_paths(inputs)
@@ -83,9 +83,7 @@ def predict(checkpoint_path: str | Path, inputs: list[str], topk: int, batch_siz
                 results.append({"path": str(path), "error": str(exc)})
         if not batch:
             continue
-        images = (torch.stack(batch).to(device).float() - mean) / std
-        if cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, _ = normalize(torch.stack(batch), torch.zeros(len(batch), dtype=torch.int64))
         probs = model(images).float().softmax(1)
         top = probs.topk(k, dim=1)
         for path, p, i in zip(kept, top.values.tolist(), top.indices.tolist()):
