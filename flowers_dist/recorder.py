@@ -68,6 +68,10 @@ class Recorder:
         self._wandb_mode = wandb_mode
         self._classes: list[str] = []
 
+    def continue_clock(self, elapsed: float) -> None:
+        """After a resume, count run time on from where the checkpoint left it (training time, not wall time between)."""
+        self.started = time.perf_counter() - elapsed
+
     # -- run folder -------------------------------------------------------------------------
     @property
     def metrics_path(self) -> Path:

@@ -90,6 +90,7 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"] + 1, {"time_to_target": None, **state["best"]}
+        rec.continue_clock(state.get("elapsed", 0.0))
         checkpoint.set_rng_state(state["rng"])
         # Per-rank loader positions only mean something for the same shards, i.e. the same world size.
         saved = state.get("loader_states") or []
@@ -188,7 +189,7 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
             "format": checkpoint.FORMAT, "epoch": epoch, "model": accelerator.unwrap_model(model).state_dict(),
             "optimizer": optimizer.state_dict(), "schedule": {"epoch": epoch, "lr": lr}, "rng": checkpoint.rng_state(),
             "config": cfg.to_dict(), "classes": classes, "best": best, "world_size": world,
-            "loader_states": loader_states,
+            "loader_states": loader_states, "elapsed": elapsed,
         }, is_best)
         accelerator.wait_for_everyone()  # no rank runs ahead into an epoch whose checkpoint is not on disk yet
 
