@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from . import checkpoint
-from .config import Config, ConfigError
+from .config import Config, ConfigError, OptimConfig, TrainConfig
 from .data import build_loader, scan_dataset
 from .distributed import make_accelerator, num_nodes, placement
 from .evaluate import EvalResult, local_counts
@@ -42,6 +42,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def batch_per_process(cfg: TrainConfig, world: int) -> int:
+    """Each process's share of the global batch; the global batch, and so the recipe, stays the same at any world size."""
+    if cfg.global_batch_size % world:
+        raise ConfigError(f"config key 'train.global_batch_size': {cfg.global_batch_size} does not split evenly over {world} processes")
+    return cfg.global_batch_size // world
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD as the config sets it; the learning rate is overwritten each epoch from schedule.lr_at."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                backward=torch.Tensor.backward) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step (forward, loss, backward, update); `backward` is Accelerate's under DDP or mixed precision."""
@@ -59,9 +71,7 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision,
                                    log_with=None if wandb_mode == "disabled" else "wandb")
     world = accelerator.num_processes
-    if cfg.train.global_batch_size % world:
-        raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} does not split evenly over {world} processes")
-    batch_per_rank = cfg.train.global_batch_size // world
+    batch_per_rank = batch_per_process(cfg.train, world)
 
     train_split, val_split = scan_dataset(cfg.data.root)
     classes = list(train_split.classes)
@@ -79,8 +89,7 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
     set_seed(cfg.train.seed)  # same new-head initialisation on every rank
     with accelerator.main_process_first():  # one download into the cache, the other ranks read it
         model = build_model(cfg.model, len(classes))
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    optimizer = build_optimizer(cfg.optim, model)
     start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1, "time_to_target": None}
     loader_state = None
     if resume is not None:

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import gather_object, set_seed
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..data import build_loader, scan_dataset
 from ..distributed import make_accelerator, num_nodes, placement
 from ..model import build_model
-from ..train import sync, train_step
+from ..train import batch_per_process, build_optimizer, sync, train_step
 from .common import spread
 
 
@@ -88,17 +88,15 @@ def bench_train(cfg: Config, warmup: int, steps: int) -> tuple[dict[str, Any] | 
     """The step-time split of this world; returns (results on the main process else None, accelerator)."""
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision)
     world, device = accelerator.num_processes, accelerator.device
-    if cfg.train.global_batch_size % world:
-        raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} does not split evenly over {world} processes")
+    batch = batch_per_process(cfg.train, world)
     split, _ = scan_dataset(cfg.data.root)
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():
         model = build_model(cfg.model, len(split.classes))
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    optimizer = build_optimizer(cfg.optim, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
-    loader = build_loader(cfg.data, split, train=True, batch_per_rank=cfg.train.global_batch_size // world,
+    loader = build_loader(cfg.data, split, train=True, batch_per_rank=batch,
                           placement=place, seed=cfg.train.seed)
     batches = _endless(loader)
     model.train()
@@ -120,7 +118,7 @@ def bench_train(cfg: Config, warmup: int, steps: int) -> tuple[dict[str, Any] | 
     bottleneck = max(parts, key=parts.get)
     return {
         "world_size": world, "num_nodes": num_nodes(accelerator), "device": str(device), "loader": type(loader).__name__,
-        "batch_per_process": cfg.train.global_batch_size // world, "global_batch": cfg.train.global_batch_size,
+        "batch_per_process": batch, "global_batch": cfg.train.global_batch_size,
         "warmup": warmup, "steps": steps,
         "images_per_s": cfg.train.global_batch_size / step,
         "images_per_s_per_process": cfg.train.global_batch_size / step / world,
