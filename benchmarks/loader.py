@@ -6,7 +6,9 @@ thread/worker count, on the same cores) run in turns, `--rounds` times, so that 
 processes falls on all of them alike; each turn builds the loader, runs one warm-up epoch
 (pipeline build, worker start-up, page cache) and then `--epochs` timed epochs, counting the
 images the loader yields. Prints median and spread per setting and the ratio of the best DALI
-setting to the best PyTorch one, and writes benchmarks/results/loader-<host>.json.
+setting to the best PyTorch one, and writes benchmarks/results/loader-<host>.json. On the CPU the
+full recipe also runs as "dali-ops": the same DALI graph ending with DALI's own rotate and colour
+operators instead of the fused kernel training uses, which shows what that kernel gains.
 
     python benchmarks/loader.py [--data ../shared/flowers] [--rounds 3] [--epochs 2] [--cores N]
 """
@@ -41,10 +43,14 @@ RECIPES = {
 
 
 def measure(loader_kind: str, recipe: str, split, batch: int, workers: int, epochs: int, device: torch.device) -> list[float]:
-    """Images/s of `epochs` epochs after one warm-up epoch (the same measurement as `flowers-dist bench loader`)."""
-    cfg = DataConfig(loader=loader_kind, **RECIPES[recipe])
+    """Images/s of `epochs` epochs after one warm-up epoch (the same measurement as `flowers-dist bench loader`).
+
+    "dali-ops" is the DALI loader with DALI's own rotate and colour operators instead of the fused
+    CPU kernel that training uses (flowers_dist/data/dali_fused.py).
+    """
+    cfg = DataConfig(loader="dali" if loader_kind == "dali-ops" else loader_kind, **RECIPES[recipe])
     placement = Placement(rank=0, world_size=1, device=device, workers=workers)
-    return loader_rates(cfg, split, batch, placement, epochs)
+    return loader_rates(cfg, split, batch, placement, epochs, dali_fused=False if loader_kind == "dali-ops" else None)
 
 
 def _commit() -> str:
@@ -77,6 +83,8 @@ def main() -> None:
     load_before = os.getloadavg()  # other processes on the machine make every figure lower
     counts = range(args.cores, args.cores + args.extra + 1)
     settings = [(recipe, kind, w) for recipe in args.recipes for kind in ("dali", "torch") for w in counts]
+    if "recipe" in args.recipes and device.type == "cpu":  # what the fused kernel gains, at the best DALI count
+        settings += [("recipe", "dali-ops", w) for w in counts]
     rates = {s: [] for s in settings}
     for round_ in range(args.rounds):
         for recipe, kind, workers in settings:
@@ -98,6 +106,11 @@ def main() -> None:
         best_torch = max(r["median"] for r in rows if r["recipe"] == recipe and r["loader"] == "torch")
         ratios[recipe] = dali / best_torch
         print(f"{recipe}: DALI / best PyTorch = {ratios[recipe]:.2f}x")
+    fused_gain = None
+    if any(r["loader"] == "dali-ops" for r in rows):
+        ops = max(r["median"] for r in rows if r["recipe"] == "recipe" and r["loader"] == "dali-ops")
+        fused_gain = max(r["median"] for r in rows if r["recipe"] == "recipe" and r["loader"] == "dali") / ops
+        print(f"recipe: DALI with the fused CPU finish / with DALI's rotate and colour operators = {fused_gain:.2f}x")
 
     import nvidia.dali
     import torchvision
@@ -112,7 +125,7 @@ def main() -> None:
         versions=dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
                       dali=nvidia.dali.__version__, pillow=PIL.__version__),
         data=str(args.data), images=len(split), batch=args.batch, rounds=args.rounds, epochs=args.epochs,
-        recipes={k: RECIPES[k] for k in args.recipes}, load_average_before=load_before, load_average_after=os.getloadavg(), rows=rows, ratio_dali_over_best_torch=ratios,
+        recipes={k: RECIPES[k] for k in args.recipes}, load_average_before=load_before, load_average_after=os.getloadavg(), rows=rows, ratio_dali_over_best_torch=ratios, fused_finish_speedup=fused_gain,
     ), indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -45,7 +45,10 @@ def _report(mode: str, results: dict[str, Any]) -> str:
     if mode == "loader":
         rows = [{"setting": r["setting"], **{k: r["images_per_s"][k] for k in ("median", "min", "max")}} for r in results["rows"]]
         text = table(rows, [("setting", "setting", "s"), ("median", "img/s", ".0f"), ("min", "min", ".0f"), ("max", "max", ".0f")])
-        return text + f"\nDALI / PyTorch = {results['ratio_dali_over_torch']:.2f}x"
+        text += f"\nDALI / PyTorch = {results['ratio_dali_over_torch']:.2f}x"
+        if results.get("fused_finish_speedup"):
+            text += f"; DALI with the fused CPU finish / with DALI's rotate and colour operators = {results['fused_finish_speedup']:.2f}x"
+        return text
     if mode == "step":
         rows = [{**r, "img_s": r["images_per_s"]["median"], "spread": f"{r['images_per_s']['min']:.1f}-{r['images_per_s']['max']:.1f}",
                  "gflops": r["achieved_flops_per_s"] / 1e9, "peak": 100 * r["fraction_of_matmul_peak"]} for r in results["rows"]]

@@ -1,5 +1,8 @@
 """`bench loader`: DALI against the PyTorch loader on a real folder, and the decode-only ceilings.
 
+Where training's DALI CPU graph ends with the fused kernel (data/dali_fused.py), the same graph
+with DALI's own rotate and colour operators runs too (`dali_with_dali_ops`), to show its share.
+
 Both loaders are built through `build_loader`, as training builds them, with the same
 augmentation, batch and number of threads/workers, and both deliver the contract's batches
 (normalised, on the device). The ceilings decode whole JPEGs and nothing else: DALI's decoder
@@ -25,9 +28,19 @@ from ..train import sync
 from .common import spread
 
 
-def loader_rates(cfg: DataConfig, split: Split, batch: int, placement: Placement, epochs: int) -> list[float]:
-    """Images/s the loader yields in each of `epochs` epochs after one warm-up epoch."""
-    loader = build_loader(cfg, split, train=True, batch_per_rank=batch, placement=placement, seed=0)
+def loader_rates(cfg: DataConfig, split: Split, batch: int, placement: Placement, epochs: int,
+                 dali_fused: bool | None = None) -> list[float]:
+    """Images/s the loader yields in each of `epochs` epochs after one warm-up epoch.
+
+    dali_fused=False builds the DALI loader with DALI's own rotate/colour operators on the CPU
+    (see data/dali_fused.py), to show what the fused kernel gains; None builds what training builds.
+    """
+    if dali_fused is None:
+        loader = build_loader(cfg, split, train=True, batch_per_rank=batch, placement=placement, seed=0)
+    else:
+        from ..data.dali import build_dali_loader
+
+        loader = build_dali_loader(cfg, split, True, batch, placement, seed=0, fused=dali_fused)
     rates = []
     for epoch in range(epochs + 1):
         loader.set_epoch(epoch)
@@ -88,6 +101,16 @@ def dali_decode_rates(split: Split, batch: int, threads: int, device: torch.devi
     return rates
 
 
+def _fused_applies(data: DataConfig, device: torch.device) -> bool:
+    from ..data import dali_status
+
+    if not dali_status()[0]:
+        return False
+    from ..data.dali import use_fused_finish
+
+    return use_fused_finish(data, device.type == "cuda")[0]
+
+
 def bench_loader(cfg: Config, device: torch.device, workers: int, repeats: int, epochs: int) -> dict[str, Any]:
     """Images/s of every setting (median and spread over repeats x epochs) and the DALI / PyTorch ratio."""
     split, _ = scan_dataset(cfg.data.root)
@@ -99,6 +122,9 @@ def bench_loader(cfg: Config, device: torch.device, workers: int, repeats: int, 
         "dali_decode_only": lambda: dali_decode_rates(split, batch, workers, device, epochs),
         "pil_decode_only": lambda: pil_decode_rates(split, workers, epochs),
     }
+    if _fused_applies(cfg.data, device):
+        settings["dali_with_dali_ops"] = lambda: loader_rates(dataclasses.replace(cfg.data, loader="dali"), split, batch,
+                                                             placement, epochs, dali_fused=False)
     rates: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(repeats):
         for name, run in settings.items():
@@ -108,4 +134,5 @@ def bench_loader(cfg: Config, device: torch.device, workers: int, repeats: int, 
     return {"images": len(split), "batch": batch, "workers": workers, "repeats": repeats, "epochs": epochs,
             "rows": rows, "ratio_dali_over_torch": medians["dali"] / medians["torch"],
             "dali_fraction_of_decode_ceiling": medians["dali"] / medians["dali_decode_only"],
-            "torch_fraction_of_decode_ceiling": medians["torch"] / medians["pil_decode_only"]}
+            "torch_fraction_of_decode_ceiling": medians["torch"] / medians["pil_decode_only"],
+            "fused_finish_speedup": (medians["dali"] / medians["dali_with_dali_ops"]) if "dali_with_dali_ops" in medians else None}

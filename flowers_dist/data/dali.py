@@ -19,16 +19,20 @@ Differences from the PyTorch loader, by design:
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.data_node import DataNode
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from ..config import DataConfig
 from .contract import Placement
 from .folder import DataError, Split
+
+log = logging.getLogger(__name__)
 
 READER = "Reader"
 OUTPUTS = ["images", "labels"]
@@ -54,15 +58,63 @@ def _normalize(images, cfg: DataConfig, mirror, dtype: torch.dtype, channels_las
         dtype=out_type, output_layout="HWC" if channels_last else "CHW")
 
 
+def _augment_draws(cfg: DataConfig):
+    """The per-sample random draws of the training augmentation: angle, brightness, contrast, saturation, flip.
+
+    None for a step the recipe turns off. Both finishes below consume the same draws.
+    """
+    angle = fn.random.uniform(range=(-cfg.rotation, cfg.rotation)) if cfg.rotation > 0 else None
+    colour = None
+    if cfg.color_jitter > 0:
+        factor = (1 - cfg.color_jitter, 1 + cfg.color_jitter)
+        colour = tuple(fn.random.uniform(range=factor) for _ in range(3))
+    mirror = fn.random.coin_flip(probability=cfg.hflip)
+    return angle, colour, mirror
+
+
+def _finish_with_dali_ops(images, draws, cfg: DataConfig, dtype: torch.dtype, channels_last: bool):
+    """Rotation, colour jitter, flip and normalisation with DALI's operators (the GPU graph's finish)."""
+    angle, colour, mirror = draws
+    # torchvision flips before rotating; the flip is applied last here (fused into the normalise)
+    # which gives the same distribution because the angle's range is symmetric.
+    if angle is not None:
+        # Nearest neighbour, as torchvision's RandomRotation does by default; linear cost twice
+        # the time of the whole rest of the CPU graph (measured).
+        images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN)
+    if colour is not None:
+        # One fixed order and a contrast pivot at mid-grey, where torchvision shuffles the order
+        # and pivots on each image's mean grey: the same ranges, slightly different draws.
+        brightness, contrast, saturation = colour
+        images = fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation)
+    return _normalize(images, cfg, mirror, dtype, channels_last)
+
+
+def _finish_fused(images, draws, cfg: DataConfig, dtype: torch.dtype, channels_last: bool):
+    """The same finish in one compiled pass per image (dali_fused), for the CPU graph."""
+    from . import dali_fused
+
+    angle, colour, mirror = draws
+    params = [angle if angle is not None else 0.0, *(colour if colour is not None else (1.0, 1.0, 1.0)),
+              fn.cast(mirror, dtype=types.FLOAT), *[m * 255 for m in cfg.mean], *[1 / (s * 255) for s in cfg.std]]
+    assert len(params) == dali_fused.NUM_PARAMS
+    params = fn.stack(*[p if isinstance(p, DataNode) else types.Constant(p, dtype=types.FLOAT) for p in params])
+    images = dali_fused.finish_operator(channels_last)(images, params)
+    return fn.cast(images, dtype=types.FLOAT16) if dtype == torch.float16 else images
+
+
 @pipeline_def
 def train_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_id: int, num_shards: int,
                    reader_seed: int, on_gpu: bool, dtype: torch.dtype = torch.float32,
-                   channels_last: bool = False, debug: bool = False):
+                   channels_last: bool = False, debug: bool = False, fused: bool = False):
     """Random-resized crop, flip, optional rotation and colour jitter, normalise.
 
+    fused=True (CPU only) ends the graph with dali_fused's one-pass kernel instead of DALI's
+    rotate, color_twist and crop_mirror_normalize: the same augmentation from the same draws.
     With debug=True the pipeline also returns, per sample, the encoded image's shape, the
     crop's shape and the flip decision: the production graph, with its internals exposed.
     """
+    if fused and on_gpu:
+        raise ValueError("the fused finish is a CPU kernel; the GPU graph uses DALI's operators")
     jpegs, label = _reader(files, labels, shard_id, num_shards, True, reader_seed)
     # ROI decoding: only the random crop window of each JPEG is decoded.
     # nvJPEG's default buffer padding (16 MB device, 8 MB host per thread) already holds these
@@ -72,25 +124,13 @@ def train_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_i
                                           random_aspect_ratio=list(cfg.ratio), num_attempts=10, **decoder)
     images = fn.resize(crops, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_LINEAR,
                        antialias=True)
-    # torchvision flips before rotating; the flip is applied last here (fused into the normalise)
-    # which gives the same distribution because the angle's range is symmetric.
-    if cfg.rotation > 0:
-        # Nearest neighbour, as torchvision's RandomRotation does by default; linear cost twice
-        # the time of the whole rest of the CPU graph (measured).
-        images = fn.rotate(images, angle=fn.random.uniform(range=(-cfg.rotation, cfg.rotation)), keep_size=True,
-                           fill_value=0, interp_type=types.INTERP_NN)
-    if cfg.color_jitter > 0:
-        # One fixed order and a contrast pivot at mid-grey, where torchvision shuffles the order
-        # and pivots on each image's mean grey: the same ranges, slightly different draws.
-        factor = (1 - cfg.color_jitter, 1 + cfg.color_jitter)
-        images = fn.color_twist(images, brightness=fn.random.uniform(range=factor),
-                                contrast=fn.random.uniform(range=factor), saturation=fn.random.uniform(range=factor))
-    mirror = fn.random.coin_flip(probability=cfg.hflip)
-    images = _normalize(images, cfg, mirror, dtype, channels_last)
+    draws = _augment_draws(cfg)
+    finish = _finish_fused if fused else _finish_with_dali_ops
+    images = finish(images, draws, cfg, dtype, channels_last)
     if on_gpu:
         label = label.gpu()
     if debug:
-        return images, label, fn.peek_image_shape(jpegs), crops.shape(), mirror
+        return images, label, fn.peek_image_shape(jpegs), crops.shape(), draws[2]
     return images, label
 
 
@@ -237,9 +277,28 @@ def suspect_files(files, limit: int = 3) -> list:
     return bad
 
 
+def use_fused_finish(cfg: DataConfig, on_gpu: bool) -> tuple[bool, str]:
+    """Whether the training graph ends with dali_fused's kernel, and why (for the log)."""
+    if on_gpu:
+        return False, "GPU graph: DALI's operators"
+    if cfg.rotation <= 0 and cfg.color_jitter <= 0:
+        return False, "no rotation or colour jitter: crop_mirror_normalize alone"
+    from .dali_fused import numba_status
+
+    ok, why = numba_status()
+    if not ok:
+        return False, f"{why}: DALI's rotate and color_twist, about 1.8x slower on the CPU (pip install numba)"
+    return True, f"rotation, colour jitter, flip and normalisation fused in one kernel ({why})"
+
+
 def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement,
-                      seed: int, max_steps: int = 0, resume_state: str | None = None) -> DaliLoader:
-    """The DALI loader for one split; placement.workers is DALI's thread count (0 counts as 1)."""
+                      seed: int, max_steps: int = 0, resume_state: str | None = None,
+                      fused: bool | None = None) -> DaliLoader:
+    """The DALI loader for one split; placement.workers is DALI's thread count (0 counts as 1).
+
+    fused: end the CPU training graph with the one-pass kernel (None: wherever it applies and
+    numba imports; False: DALI's operators, as the benchmark compares).
+    """
     p = placement
     on_gpu = p.device.type == "cuda"
     # Accelerate binds each process to its local GPU; device.index is that GPU.
@@ -257,7 +316,12 @@ def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank
         # The augmentation seed differs per rank; the reader's seed is the same on all.
         # Checkpointing lets a resumed run continue the reader's permutations and the random
         # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
-        pipe = train_pipeline(**common, reader_seed=seed, seed=(seed * 1_000_003 + p.rank) % 2**31,
+        auto_fused, why = use_fused_finish(cfg, on_gpu)
+        fused = auto_fused if fused is None else fused
+        if p.rank == 0:
+            log.info("DALI training graph on the %s: %s", "GPU" if on_gpu else "CPU",
+                     why if fused == auto_fused else f"fused={fused} as asked")
+        pipe = train_pipeline(**common, reader_seed=seed, seed=(seed * 1_000_003 + p.rank) % 2**31, fused=fused,
                               enable_checkpointing=True, checkpoint=resume_state)
         num_samples = steps * batch_per_rank
     else:
