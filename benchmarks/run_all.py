@@ -44,7 +44,10 @@ def tables(results: dict[str, dict]) -> str:
             med = {row["setting"]: row["images_per_s"]["median"] for row in r["rows"]}
             lines.append(f"| loader ({'recipe' if name == 'loader' else 'crop + flip'}, batch {r['batch']}, {r['workers']} threads) | "
                          f"DALI {med['dali']:.0f}, PyTorch {med['torch']:.0f}, DALI decode only {med['dali_decode_only']:.0f}, "
-                         f"PIL decode only {med['pil_decode_only']:.0f} img/s | DALI/PyTorch {r['ratio_dali_over_torch']:.2f}x | >= 2.0x |")
+                         f"PIL decode only {med['pil_decode_only']:.0f} img/s"
+                         + (f"; DALI with DALI's rotate/colour ops instead of the fused kernel {med['dali_with_dali_ops']:.0f}"
+                            if "dali_with_dali_ops" in med else "")
+                         + f" | DALI/PyTorch {r['ratio_dali_over_torch']:.2f}x | >= 2.0x |")
     if "step" in results:
         r = results["step"]["results"]
         for row in r["rows"]:

@@ -1,7 +1,9 @@
 """The DALI loader: JPEG decoding and augmentation in a DALI pipeline, behind the loader contract.
 
 On a GPU host the JPEGs are decoded by nvJPEG (`mixed`) and augmented on the GPU; elsewhere the
-same graph runs on DALI's CPU operators. Sharding is DALI's own: the file reader takes shard
+same graph runs on DALI's CPU operators, except that its last steps (rotation, colour jitter, flip
+and normalisation) run as one compiled pass per image (dali_fused.py) that computes what DALI's
+operators compute, from the same random draws, in a fraction of their CPU time. Sharding is DALI's own: the file reader takes shard
 `rank` of `world_size` of a permutation of the whole list that is the same on every rank and
 changes after every epoch; every rank then yields `num_files // (batch_per_rank * world_size)`
 full batches per epoch, as `train_shard` does, so no rank waits for another in the all-reduce.
