@@ -41,7 +41,10 @@ class DataConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """Per-channel standard deviation used to normalise, on the device."""
     num_workers: int = -1
-    """Decode workers per process; -1 = the cores available to each local process."""
+    """Decode workers per process (DALI: CPU threads); -1 = the cores available to each local process."""
+    hw_decoder_load: float = -1.0
+    """DALI on a GPU: share of JPEGs sent to the hardware JPEG decoder (A100/H100/H200), the rest
+    to nvJPEG's CUDA decoder; -1 = DALI's default (0.65 or 0.9 depending on the DALI version)."""
 
     def validate(self) -> None:
         _check(self.image_size >= 16, "data.image_size", f"must be >= 16, got {self.image_size}")
@@ -53,6 +56,8 @@ class DataConfig:
         _check(0 <= self.color_jitter <= 1, "data.color_jitter", f"must be in [0, 1], got {self.color_jitter}")
         _check(all(s > 0 for s in self.std), "data.std", f"must be positive, got {list(self.std)}")
         _check(self.num_workers >= -1, "data.num_workers", f"must be -1 (auto) or >= 0, got {self.num_workers}")
+        _check(self.hw_decoder_load == -1 or 0 <= self.hw_decoder_load <= 1, "data.hw_decoder_load",
+               f"must be -1 (DALI's default) or in [0, 1], got {self.hw_decoder_load}")
 
     @property
     def eval_resize(self) -> int:

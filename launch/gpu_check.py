@@ -10,6 +10,7 @@ Exits 1 when a check fails; prints a short table at the end either way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -157,6 +158,9 @@ def main() -> int:
         cfg = DataConfig(loader=kind, image_size=224, rotation=15, color_jitter=0.2)
         rate = loader_rate(cfg, train, args.batch, workers, device, batches=20)
         results.append((f"loader {kind}, recipe 224 px", f"{rate:,.0f} img/s", f"{workers} threads/workers"))
+    # What the hardware JPEG decoder adds: the same loader with every JPEG on nvJPEG's CUDA decoder.
+    rate = loader_rate(dataclasses.replace(recipe, hw_decoder_load=0.0), train, args.batch, workers, device, batches=20)
+    results.append(("loader dali, hw_decoder_load=0", f"{rate:,.0f} img/s", "info: CUDA decoder only"))
 
     rate, loss = train_rate(recipe, train, args.batch, workers, device, args.steps)
     ok = bool(np.isfinite(loss))

@@ -40,6 +40,7 @@ def test_unknown_key_names_the_key(tmp_path: Path):
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("data.scale=[0.5]", "data.scale"),
     ("data.hflip=1.5", "data.hflip"),
+    ("data.hw_decoder_load=1.2", "data.hw_decoder_load"),
     ("model.channels_last=maybe", "model.channels_last"),
 ])
 def test_bad_value_names_the_key(override, key):

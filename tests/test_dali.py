@@ -227,6 +227,13 @@ def test_an_unreadable_jpeg_stops_with_a_one_line_error(tmp_path):
             pass
 
 
+def test_hw_decoder_load_reaches_the_gpu_decoders_only_when_set():
+    from flowers_dist.data.dali import _mixed_decoder
+
+    assert _mixed_decoder(DataConfig()) == {"device": "mixed"}  # DALI's own default
+    assert _mixed_decoder(DataConfig(hw_decoder_load=0.9)) == {"device": "mixed", "hw_decoder_load": 0.9}
+
+
 def test_build_loader_picks_dali_or_explains(monkeypatch):
     split = scan_split(SAMPLE / "val")
     args = dict(train=False, batch_per_rank=4, placement=_cpu(), seed=0)

@@ -52,6 +52,13 @@ def _reader(files: list[str], labels: list[int], shard_id: int, num_shards: int,
                            pad_last_batch=True, stick_to_shard=not shuffle, name=READER)
 
 
+def _mixed_decoder(cfg: DataConfig) -> dict:
+    """Arguments of a `mixed` (GPU) decoder: hw_decoder_load only when the config sets it."""
+    if cfg.hw_decoder_load < 0:
+        return dict(device="mixed")
+    return dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load)
+
+
 def _normalize(images, cfg: DataConfig, mirror, dtype: torch.dtype, channels_last: bool):
     # DALI has no bfloat16: it emits float32 and the loader casts on the device.
     out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
@@ -121,7 +128,7 @@ def train_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_i
     # ROI decoding: only the random crop window of each JPEG is decoded.
     # nvJPEG's default buffer padding (16 MB device, 8 MB host per thread) already holds these
     # photos; NVIDIA's ImageNet example pads 211/141 MB per thread, gigabytes at 16 threads.
-    decoder = dict(device="mixed") if on_gpu else dict(device="cpu")
+    decoder = _mixed_decoder(cfg) if on_gpu else dict(device="cpu")
     crops = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(cfg.scale),
                                           random_aspect_ratio=list(cfg.ratio), num_attempts=10, **decoder)
     images = fn.resize(crops, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_LINEAR,
@@ -166,7 +173,7 @@ def val_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_id:
     jpegs, label = _reader(files, labels, shard_id, num_shards, False, 0)
     # Fancy upsampling makes nvJPEG's chroma match libjpeg-turbo (and PIL), so evaluation on
     # the GPU agrees with the CPU and PyTorch paths.
-    decoder = dict(device="mixed", jpeg_fancy_upsampling=True) if on_gpu else dict(device="cpu")
+    decoder = dict(_mixed_decoder(cfg), jpeg_fancy_upsampling=True) if on_gpu else dict(device="cpu")
     images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
     new_h, new_w, anchor = _eval_geometry(jpegs, cfg)
     images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_LINEAR, antialias=True)
