@@ -10,11 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import CheckpointError
+
 FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing or unreadable, phrased as one line."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

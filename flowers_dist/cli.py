@@ -8,13 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data.folder import DataError
-from .model import WeightsError
-
-# Errors a user can fix; they get one line, not a traceback.
-USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError)
+# Only light imports here: torch and timm load with the command that needs them.
+# Errors a user can fix get one line, not a traceback.
+from .errors import USER_ERRORS, ConfigError, DataError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,9 +11,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem, phrased as one line that names the offending key."""
+from .errors import ConfigError
 
 
 @dataclass

@@ -11,10 +11,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights that cannot be had or do not fit, phrased as one line."""
+from .errors import WeightsError
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:

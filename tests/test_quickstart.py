@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import sys
 
 from flowers_dist import config
 
@@ -45,6 +46,15 @@ def test_eval_and_predict_commands(trained_run, tmp_path):
         assert len(r["top"]) == 2 and r["top"][0]["prob"] >= r["top"][1]["prob"]
         assert {t["class"] for t in r["top"]} <= {"daisy", "dandelion", "roses", "sunflowers", "tulips"}
     assert "error" in next(r for r in results if r["path"].endswith("broken.jpg"))
+
+
+def test_help_and_data_fetch_start_without_torch():
+    # torch, timm and accelerate take seconds to import; commands that need none of them skip them.
+    code = ("import sys; from flowers_dist.cli import _parser; _parser().parse_args(['data', 'fetch', 'x']); "
+            "import flowers_dist.data.fetch; print(sorted(m for m in ('torch', 'timm', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_module_and_console_script_agree():

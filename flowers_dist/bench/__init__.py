@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
-from .common import out_path, table, write_result
 
 MODES = ("loader", "step", "train", "scaling")
+if TYPE_CHECKING:
+    import torch
+
 NUM_CLASSES = 5  # the flowers head; the step mode needs no data set
 
 
@@ -38,10 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _device(cfg: Config) -> torch.device:
+    import torch
+
     return torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else "cpu")
 
 
 def _report(mode: str, results: dict[str, Any]) -> str:
+    from .common import table
+
     if mode == "loader":
         rows = [{"setting": r["setting"], **{k: r["images_per_s"][k] for k in ("median", "min", "max")}} for r in results["rows"]]
         text = table(rows, [("setting", "setting", "s"), ("median", "img/s", ".0f"), ("min", "min", ".0f"), ("max", "max", ".0f")])
@@ -71,6 +75,7 @@ def _report(mode: str, results: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> Path | None:
     """Run one mode; returns the JSON file written (None on the non-main processes of `train`)."""
     from .. import config as config_module
+    from .common import out_path, write_result
 
     cfg = config_module.load(args.config, args.overrides)
     device, world, nodes = _device(cfg), 1, 1

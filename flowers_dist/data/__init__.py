@@ -7,11 +7,24 @@ import os
 import platform
 import sys
 
+from typing import TYPE_CHECKING
+
 from ..config import DataConfig
-from .contract import BatchLoader, Placement
 from .folder import DataError, Split, scan_dataset, scan_split
 
+if TYPE_CHECKING:
+    from .contract import BatchLoader, Placement
+
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str):
+    # The contract needs torch; importing it on first use keeps `flowers-dist data fetch` free of it.
+    if name in ("BatchLoader", "Placement"):
+        from . import contract
+
+        return getattr(contract, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["BatchLoader", "DataError", "Placement", "Split", "build_loader", "dali_status", "default_workers", "scan_dataset", "scan_split"]
 

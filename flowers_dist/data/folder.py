@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-
-
-class DataError(ValueError):
-    """A data-set layout problem, phrased as one line that names the folder."""
 
 
 @dataclass(frozen=True)
