@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,57 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.fsync(dir_fd)  # makes the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of a checkpoint state whose tensors are CPU copies: later updates to the live ones do not reach it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Writes checkpoints on a thread of their own, so training does not wait for the disk.
+
+    Serialising and fsyncing ResNet-18 with its optimizer takes 0.1-0.25 s per file here (two
+    files when the epoch is the best so far); copying its tensors takes 0.01-0.03 s. `save`
+    copies, starts the write and returns. At most one write is in flight: the next `save`, and
+    `wait`, first let the current one finish, so files land in order and at most one extra copy
+    of the state is held. Each file is written with atomic_save, so a kill at any moment leaves
+    the previous checkpoint or the new one. The thread is not a daemon: the interpreter lets it
+    finish before exiting, even after an exception in the loop. An error in the thread is raised
+    by the next `save` or `wait`.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any], paths: list[Path]) -> None:
+        self.wait()
+        copy = snapshot(state)
+        self._thread = threading.Thread(target=self._write, args=(copy, list(paths)), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, state: dict[str, Any], paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                atomic_save(state, path)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"writing a checkpoint failed: {error.__class__.__name__}: {error}") from error
 
 
 def load(path: str | Path) -> dict[str, Any]:

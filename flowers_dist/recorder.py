@@ -67,6 +67,7 @@ class Recorder:
         self._wandb = is_main and accelerator is not None and tracking_cfg is not None and wandb_mode != "disabled"
         self._wandb_mode = wandb_mode
         self._classes: list[str] = []
+        self._writer = checkpoint.BackgroundWriter()
 
     def continue_clock(self, elapsed: float) -> None:
         """After a resume, count run time on from where the checkpoint left it (training time, not wall time between)."""
@@ -120,6 +121,7 @@ class Recorder:
 
     def finish(self, record: dict[str, Any] | None = None) -> None:
         """The `end` record (also the W&B summary), then close the trackers. Every rank calls this."""
+        self._writer.wait()  # the last checkpoint is on disk before the run says it has ended
         if self.is_main and record is not None:
             self.log({"event": "end", **record})
             if self._wandb:
@@ -139,11 +141,11 @@ class Recorder:
             os.fsync(fh.fileno())
 
     def save_checkpoint(self, state: dict[str, Any], is_best: bool) -> None:
+        """last.pt (and best.pt) written in the background from a copy taken now (see BackgroundWriter)."""
         if not self.is_main:
             return
-        checkpoint.atomic_save(state, self.checkpoint_dir / "last.pt")
-        if is_best:
-            checkpoint.atomic_save(state, self.checkpoint_dir / "best.pt")
+        paths = [self.checkpoint_dir / "last.pt"] + ([self.checkpoint_dir / "best.pt"] if is_best else [])
+        self._writer.save(state, paths)
 
     # -- console ----------------------------------------------------------------------------
     def print(self, message: str) -> None:

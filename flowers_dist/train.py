@@ -199,8 +199,7 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
             "optimizer": optimizer.state_dict(), "schedule": {"epoch": epoch, "lr": lr}, "rng": checkpoint.rng_state(),
             "config": cfg.to_dict(), "classes": classes, "best": best, "world_size": world,
             "loader_states": loader_states, "elapsed": elapsed,
-        }, is_best)
-        accelerator.wait_for_everyone()  # no rank runs ahead into an epoch whose checkpoint is not on disk yet
+        }, is_best)  # written in the background; the ranks stay in step through the next epoch's all-reduces
 
     # Replicas must hold identical weights; a mismatch means the processes did not train as one.
     digests = gather_object([weights_digest(accelerator.unwrap_model(model))])

@@ -87,3 +87,32 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert checkpoint.load(target)["epoch"] == 1
     assert [p.name for p in target.parent.iterdir()] == ["last.pt"]
+
+
+def test_background_writer_saves_the_state_as_it_was_at_save(tmp_path):
+    writer = checkpoint.BackgroundWriter()
+    weights = torch.arange(1_000_000, dtype=torch.float32)  # big enough that the write outlasts the next line
+    state = {"format": checkpoint.FORMAT, "epoch": 3, "model": {"w": weights}, "optimizer": {"state": [weights * 2]}}
+    writer.save(state, [tmp_path / "last.pt", tmp_path / "best.pt"])
+    weights.zero_()  # the loop goes on updating its tensors while the thread writes
+    writer.wait()
+    for name in ("last.pt", "best.pt"):
+        saved = checkpoint.load(tmp_path / name)
+        assert saved["epoch"] == 3
+        assert torch.equal(saved["model"]["w"], torch.arange(1_000_000, dtype=torch.float32))
+        assert torch.equal(saved["optimizer"]["state"][0], torch.arange(1_000_000, dtype=torch.float32) * 2)
+    # A second save waits for the first, so the newest state is the one left on disk.
+    writer.save({**state, "epoch": 4}, [tmp_path / "last.pt"])
+    writer.save({**state, "epoch": 5}, [tmp_path / "last.pt"])
+    writer.wait()
+    assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path):
+    (tmp_path / "not_a_folder").write_text("x")
+    writer = checkpoint.BackgroundWriter()
+    writer.save({"format": checkpoint.FORMAT}, [tmp_path / "not_a_folder" / "last.pt"])
+    with pytest.raises(checkpoint.CheckpointError, match="writing a checkpoint failed"):
+        writer.wait()
+    writer.wait()  # reported once
