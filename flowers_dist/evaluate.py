@@ -26,7 +26,9 @@ def local_counts(model: nn.Module, loader: BatchLoader, num_classes: int, device
             continue  # a shard's last batch can be empty; skipping it is safe since nothing here is collective
         logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes).double()
+        # index_add_, not bincount: CUDA's bincount reads the largest index back to the host (a sync per batch).
+        cells = labels * num_classes + logits.argmax(1)
+        confusion.index_add_(0, cells, torch.ones_like(cells, dtype=torch.float64))
     return torch.cat([loss_sum.view(1), confusion])
 
 

@@ -65,6 +65,18 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     return logits, loss
 
 
+def step_counts(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(loss x n, correct, n) of one step as a float64 device tensor, made without a host-device sync.
+
+    n is known on the host, but torch.tensor(n, device=cuda) copies it over and waits for the
+    stream: a sync on every step that would stop the host from queueing ahead of the GPU.
+    new_full fills on the device instead. (launch/gpu_check.py runs this under sync-debug mode.)
+    """
+    n = labels.numel()
+    correct = (logits.argmax(1) == labels).sum().double()
+    return torch.stack([loss.detach().double() * n, correct, correct.new_full((), n)])
+
+
 def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> Path:
     """Train (or resume) one run; returns its run folder. Every process calls this."""
     wandb_mode = resolve_mode(cfg.tracking)
@@ -137,8 +149,7 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
         for step, (images, labels) in enumerate(train_loader, 1):
             data_wait += time.perf_counter() - step_end  # host time blocked on the loader for this batch
             logits, loss = train_step(model, optimizer, images, labels, accelerator.backward)
-            sums += torch.stack([loss.detach().double() * labels.numel(), (logits.argmax(1) == labels).sum().double(),
-                                 torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+            sums += step_counts(loss, logits, labels)
             if step % cfg.train.log_every == 0 or step == len(train_loader):
                 # On CUDA the host runs ahead of the device, so a clock read without a sync times kernel
                 # launches, not work. Syncing every step would stall the queue; once per interval makes the

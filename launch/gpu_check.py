@@ -1,4 +1,4 @@
-"""One-GPU check of the DALI path: nvJPEG against CPU decoding, a few bf16 training steps, images/s.
+"""One-GPU check of the DALI path: nvJPEG against CPU decoding, sync-free steps, a few bf16 training steps, images/s.
 
 Run by launch/gpu_check.sh (which installs DALI first), from the project root:
 
@@ -121,6 +121,42 @@ def train_rate(cfg: DataConfig, split, batch: int, workers: int, device: torch.d
     return steps * batch / (time.perf_counter() - start), loss.item()
 
 
+def sync_free_steps(device: torch.device, num_classes: int, batch: int, size: int = 64) -> str | None:
+    """The loop's train step, its per-step counts and evaluation's counts under torch's sync-debug mode.
+
+    A host-device sync per step (a .item(), a copy from the host, CUDA's bincount) stops the
+    host from queueing work ahead of the GPU. Returns the first sync's message, or None.
+    """
+    from flowers_dist.evaluate import local_counts
+    from flowers_dist.train import step_counts, train_step
+
+    model = build_model(ModelConfig(pretrained="none", channels_last=True), num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batches = [(torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last),
+                torch.randint(0, num_classes, (batch,), device=device)) for _ in range(3)]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def run() -> None:
+        model.train()
+        for images, labels in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits, loss = train_step(model, optimizer, images, labels)
+            sums.add_(step_counts(loss, logits, labels))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            local_counts(model, batches, num_classes, device)
+
+    run()  # cuDNN's algorithm search and the first allocations happen once, outside the check
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    except RuntimeError as exc:
+        return str(exc).strip().splitlines()[0][:120]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "data" / "flowers_sample")
@@ -161,6 +197,10 @@ def main() -> int:
     # What the hardware JPEG decoder adds: the same loader with every JPEG on nvJPEG's CUDA decoder.
     rate = loader_rate(dataclasses.replace(recipe, hw_decoder_load=0.0), train, args.batch, workers, device, batches=20)
     results.append(("loader dali, hw_decoder_load=0", f"{rate:,.0f} img/s", "info: CUDA decoder only"))
+
+    sync = sync_free_steps(device, len(train.classes), batch=32)
+    failures += [] if sync is None else [f"a host-device sync in the train/eval step: {sync}"]
+    results.append(("no host sync in train/eval steps", "ok" if sync is None else sync[:28], "ok" if sync is None else "FAIL"))
 
     rate, loss = train_rate(recipe, train, args.batch, workers, device, args.steps)
     ok = bool(np.isfinite(loss))
