@@ -1,6 +1,8 @@
 """The DALI loader on the CPU, on real JPEGs: sharding, parity with PyTorch, augmentation, training runs."""
 
 import dataclasses
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from flowers_dist.data.contract import DeviceNormalizer  # noqa: E402
 from flowers_dist.data.dali import DaliLoader, build_dali_loader, train_pipeline  # noqa: E402
 from flowers_dist.data.torch_loader import TorchLoader, eval_transform, load_rgb  # noqa: E402
 
-from conftest import SAMPLE, SHARED_FLOWERS, cli, metrics  # noqa: E402
+from conftest import REPO, SAMPLE, SHARED_FLOWERS, cli, metrics  # noqa: E402
 
 
 def _cpu(rank: int = 0, world: int = 1, **kw) -> Placement:
@@ -250,3 +252,14 @@ def test_quickstart_trains_with_dali(tmp_path, nprocs):
          f"train.output_dir={tmp_path}", "train.name=x", "train.progress=lines"], nprocs=nprocs)
     epochs = [r for r in metrics(tmp_path / "x") if r["event"] == "epoch"]
     assert len(epochs) == 1 and epochs[0]["val_count"] == 23 and epochs[0]["train_images"] == 40
+
+
+def test_the_fused_kernel_compiles_where_numba_cannot_cache(tmp_path):
+    # A read-only install with no writable home: numba finds no cache folder and refuses cache=True.
+    code = ("import numba.core.caching as c; c.CacheImpl._locator_classes = []; import numpy as np; "
+            "from flowers_dist.data import dali_fused as f; img = np.full((4, 4, 3), 200, np.uint8); "
+            "out = np.empty((3, 4, 4), np.float32); prm = np.array([0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1], np.float32); "
+            "f.kernel(out, img, prm); print(out.min(), out.max())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["200.0", "200.0"]  # identity parameters: the pixels come through unchanged

@@ -97,7 +97,11 @@ def _kernel():
     from numba import njit
 
     # fastmath: reassociation and FMA in the colour loop; measured 0.15 vs 0.19 ms per 224 px image.
-    return njit(fastmath=True, nogil=True, cache=True)(_finish)
+    # cache: later processes load the compiled kernel instead of compiling it (about a second).
+    try:
+        return njit(fastmath=True, nogil=True, cache=True)(_finish)
+    except RuntimeError:  # numba found no writable cache folder (read-only install and home): compile each time
+        return njit(fastmath=True, nogil=True)(_finish)
 
 
 def kernel(out: np.ndarray, img: np.ndarray, prm: np.ndarray, chw: bool = True) -> None:
