@@ -35,11 +35,21 @@ NUM_PARAMS = 11
 _LUMA = (0.299, 0.587, 0.114)
 
 
+def _numba_function_class():
+    """DALI's NumbaFunction operator: in nvidia.dali.plugin.numba in recent DALI, under .experimental before."""
+    try:
+        from nvidia.dali.plugin.numba import NumbaFunction
+    except ImportError:
+        from nvidia.dali.plugin.numba.experimental import NumbaFunction
+    return NumbaFunction
+
+
 def numba_status() -> tuple[bool, str]:
     """Whether the fused kernel can be compiled here, and why not."""
     try:
-        import numba  # noqa: F401
-        from nvidia.dali.plugin.numba.experimental import NumbaFunction  # noqa: F401
+        import numba
+
+        _numba_function_class()
     except (ImportError, OSError) as exc:
         return False, f"numba does not import ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return True, f"numba {numba.__version__}"
@@ -117,8 +127,8 @@ def finish_operator(channels_last: bool):
     which every pipeline built afterwards reuses.
     """
     from nvidia.dali import types
-    from nvidia.dali.plugin.numba.experimental import NumbaFunction
 
+    NumbaFunction = _numba_function_class()
     compiled, chw = _kernel(), not channels_last
 
     def run(out, img, prm):
