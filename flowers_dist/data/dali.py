@@ -3,10 +3,12 @@
 On a GPU host the JPEGs are decoded by nvJPEG (`mixed`) and augmented on the GPU; elsewhere the
 same graph runs on DALI's CPU operators, except that its last steps (rotation, colour jitter, flip
 and normalisation) run as one compiled pass per image (dali_fused.py) that computes what DALI's
-operators compute, from the same random draws, in a fraction of their CPU time. Sharding is DALI's own: the file reader takes shard
-`rank` of `world_size` of a permutation of the whole list that is the same on every rank and
-changes after every epoch; every rank then yields `num_files // (batch_per_rank * world_size)`
-full batches per epoch, as `train_shard` does, so no rank waits for another in the all-reduce.
+operators compute, from the same random draws, in a fraction of their CPU time.
+
+Sharding is DALI's own: the file reader takes shard `rank` of `world_size` of a permutation of
+the whole list that is the same on every rank and changes after every epoch; every rank then
+yields `num_files // (batch_per_rank * world_size)` full batches per epoch, as `train_shard`
+does, so no rank waits for another in the all-reduce.
 
 Differences from the PyTorch loader, by design:
 - The epoch order is the reader's own sequence of permutations; it does not depend on
