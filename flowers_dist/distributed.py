@@ -11,14 +11,20 @@ from .config import ConfigError
 from .data import Placement, default_workers
 
 
-def make_accelerator(device: str, mixed_precision: str, log_with: str | None = None) -> Accelerator:
+def make_accelerator(device: str, mixed_precision: str, log_with: str | None = None, compile_model: bool = False) -> Accelerator:
+    """The Accelerator for this process: CPU or GPU, precision, trackers, and torch.compile when asked.
+
+    compile_model=False leaves the choice to Accelerate's own setting (`accelerate launch
+    --dynamo_backend`, ACCELERATE_DYNAMO_BACKEND), off by default.
+    """
     use_cpu = device == "cpu" or not torch.cuda.is_available()
     if use_cpu and mixed_precision == "fp16":
         # Accelerate would silently run fp32 on the CPU: no autocast, no scaler.
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on the CPU")
     # cpu=True is what makes several CPU processes form one gloo group; without it every
     # process on a GPU-less host believes it is rank 0 of 1.
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, log_with=log_with)
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, log_with=log_with,
+                              dynamo_backend="inductor" if compile_model else None)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"launched {launched} processes but Accelerate formed a world of {accelerator.num_processes}; on the CPU launch with `accelerate launch --multi_gpu --num_processes N` (not --cpu)")

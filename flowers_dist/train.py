@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, is_compiled_module, set_seed
 
 from . import checkpoint
 from .config import Config, ConfigError, OptimConfig, TrainConfig
@@ -81,7 +81,7 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
     """Train (or resume) one run; returns its run folder. Every process calls this."""
     wandb_mode = resolve_mode(cfg.tracking)
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision,
-                                   log_with=None if wandb_mode == "disabled" else "wandb")
+                                   log_with=None if wandb_mode == "disabled" else "wandb", compile_model=cfg.model.compile)
     world = accelerator.num_processes
     batch_per_rank = batch_per_process(cfg.train, world)
 
@@ -120,6 +120,12 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
 
+    def bare(prepared: torch.nn.Module) -> torch.nn.Module:
+        # The model itself, without DDP's or torch.compile's wrapper: a compiled module's
+        # state_dict prefixes every key with `_orig_mod.`, which eval, predict and resume
+        # would not recognise. (Accelerate compiles when model.compile or its own dynamo setting asks.)
+        return accelerator.unwrap_model(prepared, keep_torch_compile=False)
+
     place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
     train_loader = build_loader(cfg.data, train_split, train=True, batch_per_rank=batch_per_rank, placement=place,
                                 seed=cfg.train.seed, max_steps=cfg.train.max_steps_per_epoch, resume_state=loader_state)
@@ -129,7 +135,8 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
     rec.start(cfg, classes, environment(world, num_nodes(accelerator), device), start_epoch, resumed=resume is not None)
     rec.print(f"run {run_dir}: {len(train_split)} train / {len(val_split)} val images, {len(classes)} classes, "
               f"{world} process(es) on {device.type}, global batch {cfg.train.global_batch_size}, "
-              f"{len(train_loader)} steps/epoch, precision {cfg.train.mixed_precision}")
+              f"{len(train_loader)} steps/epoch, precision {cfg.train.mixed_precision}"
+              + (f", torch.compile ({accelerator.state.dynamo_plugin.backend.value.lower()})" if is_compiled_module(model) else ""))
     if start_epoch >= cfg.train.epochs:
         rec.print(f"run already complete ({start_epoch} of {cfg.train.epochs} epochs); raise train.epochs to continue")
         rec.finish()
@@ -177,10 +184,11 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
         # DDP keeps parameters in step but each rank's BatchNorm running statistics come from its
         # own last batches; average them so every rank evaluates, and saves, the same model.
         if world > 1:
-            for buffer in accelerator.unwrap_model(model).buffers():
+            for buffer in bare(model).buffers():
                 if buffer.is_floating_point():
                     buffer.copy_(accelerator.reduce(buffer.detach().clone(), reduction="mean"))
         with accelerator.autocast():
+            # Without DDP's wrapper (no collectives in evaluation), with torch.compile's if there is one.
             counts = local_counts(accelerator.unwrap_model(model), val_loader, len(classes), device)
         val = EvalResult.from_counts(accelerator.reduce(counts, reduction="sum"), len(classes))
         epoch_time = time.perf_counter() - epoch_start
@@ -206,14 +214,14 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
                   f"{record['images_per_s']:.1f} img/s  {epoch_time:.1f}s")
         loader_states = gather_object([train_loader.resume_state()])  # every rank's, saved by the main one
         rec.save_checkpoint({
-            "format": checkpoint.FORMAT, "epoch": epoch, "model": accelerator.unwrap_model(model).state_dict(),
+            "format": checkpoint.FORMAT, "epoch": epoch, "model": bare(model).state_dict(),
             "optimizer": optimizer.state_dict(), "schedule": {"epoch": epoch, "lr": lr}, "rng": checkpoint.rng_state(),
             "config": cfg.to_dict(), "classes": classes, "best": best, "world_size": world,
             "loader_states": loader_states, "elapsed": elapsed,
         }, is_best)  # written in the background; the ranks stay in step through the next epoch's all-reduces
 
     # Replicas must hold identical weights; a mismatch means the processes did not train as one.
-    digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
+    digests = gather_object([weights_digest(bare(model))])
     if len(set(digests)) > 1:
         rec.print(f"warning: processes ended with different weights: {digests}")
     rec.print(f"best val accuracy {best['val_acc']:.4f} at epoch {best['epoch'] + 1}; run folder {run_dir}")

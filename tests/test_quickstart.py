@@ -5,9 +5,14 @@ import shutil
 import subprocess
 import sys
 
-from flowers_dist import config
+import pytest
+import torch
 
-from conftest import REPO, SAMPLE, cli, metrics
+from flowers_dist import config
+from flowers_dist.config import ModelConfig
+from flowers_dist.model import build_model
+
+from conftest import REPO, SAMPLE, TINY, cli, metrics
 
 
 def test_readme_quickstart_trains_end_to_end(tmp_path):
@@ -60,3 +65,19 @@ def test_help_and_data_fetch_start_without_torch():
 def test_module_and_console_script_agree():
     out = subprocess.run(["flowers-dist", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "train" in out.stdout and "predict" in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_training_saves_checkpoints_the_plain_model_loads(tmp_path):
+    # A compiled module's state_dict prefixes every key with `_orig_mod.`; the checkpoint must not.
+    proc = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "model.compile=true", "train.epochs=1",
+                "train.max_steps_per_epoch=2", f"train.output_dir={tmp_path}", "train.name=c"], timeout=900)
+    assert "torch.compile (inductor)" in proc.stdout
+    ckpt = tmp_path / "c" / "checkpoints" / "last.pt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    assert list(saved) == list(build_model(ModelConfig(pretrained="none"), 5).state_dict())
+    epoch = [r for r in metrics(tmp_path / "c") if r["event"] == "epoch"][0]
+    assert epoch["val_count"] == 23 and epoch["train_images"] == 16
+    proc = cli(["eval", str(ckpt), "--data", str(SAMPLE), "--workers", "0"])
+    assert "/23)" in proc.stdout

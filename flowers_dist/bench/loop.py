@@ -81,12 +81,14 @@ def advice(cfg: Config, device: torch.device, bottleneck: str) -> str:
         return "model.channels_last=true"
     if device.type == "cuda" and cfg.train.mixed_precision == "no":
         return "train.mixed_precision=bf16"
-    return "torch.compile (see `bench step --compile`), or a larger batch"
+    if not cfg.model.compile:
+        return "model.compile=true (`bench step --compile` measures it), or a larger batch"
+    return "a larger batch (train.global_batch_size)"
 
 
 def bench_train(cfg: Config, warmup: int, steps: int) -> tuple[dict[str, Any] | None, Any]:
     """The step-time split of this world; returns (results on the main process else None, accelerator)."""
-    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, compile_model=cfg.model.compile)
     world, device = accelerator.num_processes, accelerator.device
     batch = batch_per_process(cfg.train, world)
     split, _ = scan_dataset(cfg.data.root)
