@@ -40,9 +40,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    # The endpoint's own host and port: HF_ENDPOINT may name a mirror such as http://mirror:8080.
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False

@@ -1,6 +1,13 @@
+import hashlib
+import http.server
+import os
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torchvision
@@ -58,3 +65,72 @@ def test_channels_last_and_unknown_model():
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(WeightsError, match="resnet999"):
         build_model(ModelConfig(name="resnet999", pretrained="none"), 5)
+
+
+class _HubFiles(http.server.BaseHTTPRequestHandler):
+    """The two requests huggingface_hub makes for one file: HEAD (commit, ETag, size), then GET."""
+
+    files: dict[str, bytes] = {}
+    seen: list[str] = []
+
+    def _headers(self) -> bytes | None:
+        self.seen.append(f"{self.command} {self.path}")
+        blob = self.files.get(self.path)
+        if blob is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "0" * 40)
+        self.send_header("ETag", f'"{hashlib.sha256(blob).hexdigest()}"')
+        self.send_header("Content-Length", str(len(blob)))
+        self.end_headers()
+        return blob
+
+    def do_HEAD(self):
+        self._headers()
+
+    def do_GET(self):
+        blob = self._headers()
+        if blob is not None:
+            self.wfile.write(blob)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_imagenet_weights_download_through_the_hub_client_and_then_come_from_the_cache(tmp_path):
+    # The real download path (timm -> huggingface_hub) against a local server standing in for the
+    # hub, named by HF_ENDPOINT as a mirror would be; then the same build with the server gone.
+    reference = timm.create_model("resnet18", num_classes=1000)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "w.safetensors")
+    torch.save(reference.state_dict(), tmp_path / "reference.pt")
+    _HubFiles.files = {"/timm/resnet18.tv_in1k/resolve/main/model.safetensors": (tmp_path / "w.safetensors").read_bytes()}
+    _HubFiles.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubFiles)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    code = (f"import torch; from flowers_dist.config import ModelConfig; from flowers_dist.model import build_model; "
+            f"m = build_model(ModelConfig(name='resnet18.tv_in1k', pretrained='imagenet'), 5); "
+            f"torch.save(m.state_dict(), {str(tmp_path / 'built.pt')!r})")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(tmp_path / "hf"))
+    reference = torch.load(tmp_path / "reference.pt")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "GET /timm/resnet18.tv_in1k/resolve/main/model.safetensors" in _HubFiles.seen
+    finally:
+        server.shutdown()
+        server.server_close()
+    _check_backbone_equal(_built(tmp_path / "built.pt"), reference)
+    (tmp_path / "built.pt").unlink()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]  # the server is gone: the cache serves it
+    _check_backbone_equal(_built(tmp_path / "built.pt"), reference)
+
+
+def _built(path):
+    model = build_model(ModelConfig(name="resnet18.tv_in1k", pretrained="none"), 5)
+    model.load_state_dict(torch.load(path))
+    return model
