@@ -167,10 +167,11 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
                 interval = max(now - last_log, 1e-9)
                 window = (sums - logged_sums).tolist()  # this rank's loss * n, correct, n since the last log
                 images_per_s = done * cfg.train.global_batch_size / interval
-                rec.advance(done, window[0] / max(window[2], 1), images_per_s)
+                window_loss = window[0] / max(window[2], 1)
+                rec.advance(done, window_loss, images_per_s)
                 rec.log_step({
                     "step": epoch * len(train_loader) + step, "epoch": epoch, "lr": lr,
-                    "loss": window[0] / max(window[2], 1), "images_per_s": images_per_s,
+                    "loss": window_loss, "images_per_s": images_per_s,
                     "images_per_s_per_process": images_per_s / world, "step_time": interval / done,
                     "data_wait_fraction": min(data_wait / interval, 1.0), "elapsed": now - rec.started,
                 })

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -26,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from flowers_dist.config import DataConfig, ModelConfig  # noqa: E402
 from flowers_dist.data import Placement, build_loader, scan_split  # noqa: E402
 from flowers_dist.model import build_model  # noqa: E402
+from flowers_dist.train import step_counts, sync, train_step  # noqa: E402
 
 # nvJPEG with fancy upsampling against libjpeg-turbo: DALI's own decoder test allows a mean
 # absolute difference below 1 grey level (IDCT implementations differ by rounding). Without
@@ -34,11 +34,6 @@ from flowers_dist.model import build_model  # noqa: E402
 DECODE_MEAN_TOL = 1.0
 # The whole evaluation pipeline, GPU against CPU, in normalised units (1 grey level ~ 0.017).
 EVAL_MEAN_TOL = 0.02
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decode_parity(files: list[str]) -> dict:
@@ -82,7 +77,7 @@ def loader_rate(cfg: DataConfig, split, batch: int, workers: int, device: torch.
     for _ in loader:  # warm-up: build, first allocations, page cache
         pass
     done, epoch = 0, 1
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     while done < batches:
         loader.set_epoch(epoch)
@@ -91,13 +86,20 @@ def loader_rate(cfg: DataConfig, split, batch: int, workers: int, device: torch.
             if done == batches:
                 break  # the loader finishes DALI's epoch itself at the next __iter__
         epoch += 1
-    _sync(device)
+    sync(device)
     return batches * batch / (time.perf_counter() - start)
+
+
+def bf16_model(num_classes: int, device: torch.device) -> torch.nn.Module:
+    """A channels_last ResNet-18 whose forward runs under bf16 autocast, as Accelerate's mixed precision wraps it."""
+    model = build_model(ModelConfig(pretrained="none", channels_last=True), num_classes).to(device)
+    model.forward = torch.autocast(device.type, dtype=torch.bfloat16)(model.forward)
+    return model
 
 
 def train_rate(cfg: DataConfig, split, batch: int, workers: int, device: torch.device, steps: int) -> tuple[float, float]:
     """End-to-end bf16 training images/s (DALI feeding a channels_last ResNet-18), and the last loss."""
-    model = build_model(ModelConfig(pretrained="none", channels_last=True), len(split.classes)).to(device)
+    model = bf16_model(len(split.classes), device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     placement = Placement(0, 1, device, channels_last=True, workers=workers)
     loader = build_loader(cfg, split, train=True, batch_per_rank=batch, placement=placement, seed=0)
@@ -105,19 +107,15 @@ def train_rate(cfg: DataConfig, split, batch: int, workers: int, device: torch.d
     while done < warmup + steps:
         loader.set_epoch(epoch)
         for images, labels in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(images).float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _, loss = train_step(model, optimizer, images, labels)
             done += 1
             if done == warmup:
-                _sync(device)  # cuDNN autotuning and the first allocations stay out of the timing
+                sync(device)  # cuDNN autotuning and the first allocations stay out of the timing
                 start = time.perf_counter()
             if done == warmup + steps:
                 break
         epoch += 1
-    _sync(device)
+    sync(device)
     return steps * batch / (time.perf_counter() - start), loss.item()
 
 
@@ -128,9 +126,8 @@ def sync_free_steps(device: torch.device, num_classes: int, batch: int, size: in
     host from queueing work ahead of the GPU. Returns the first sync's message, or None.
     """
     from flowers_dist.evaluate import local_counts
-    from flowers_dist.train import step_counts, train_step
 
-    model = build_model(ModelConfig(pretrained="none", channels_last=True), num_classes).to(device)
+    model = bf16_model(num_classes, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batches = [(torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last),
                 torch.randint(0, num_classes, (batch,), device=device)) for _ in range(3)]
@@ -139,11 +136,9 @@ def sync_free_steps(device: torch.device, num_classes: int, batch: int, size: in
     def run() -> None:
         model.train()
         for images, labels in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits, loss = train_step(model, optimizer, images, labels)
+            logits, loss = train_step(model, optimizer, images, labels)
             sums.add_(step_counts(loss, logits, labels))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            local_counts(model, batches, num_classes, device)
+        local_counts(model, batches, num_classes, device)
 
     run()  # cuDNN's algorithm search and the first allocations happen once, outside the check
     torch.cuda.synchronize(device)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -39,6 +43,28 @@ def cli(args: list[str], nprocs: int = 1, env: dict | None = None, timeout: floa
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
     return proc
+
+
+SERVER_LIFETIME_S = 300  # a local server shuts itself down even if a teardown never runs
+
+
+@contextlib.contextmanager
+def local_server(handler) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 for the duration of the block; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    watchdog = threading.Timer(SERVER_LIFETIME_S, server.shutdown)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        watchdog.cancel()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def metrics(run_dir: Path) -> list[dict]:

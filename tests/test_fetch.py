@@ -7,7 +7,6 @@ import http.server
 import io
 import json
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ import pytest
 from flowers_dist.data.fetch import COMPLETE, FetchError, fetch_flowers, sha256_of, stratified_split
 from flowers_dist.data.folder import scan_dataset
 
-from conftest import SAMPLE, cli
+from conftest import SAMPLE, cli, local_server
 
-SERVER_LIFETIME_S = 300  # the server shuts itself down even if a teardown never runs
 
 
 def _sample_files() -> dict[str, dict[str, Path]]:
@@ -69,20 +67,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("www")
     by_class = _sample_files()
     sha = _make_archive(root / "flower_photos.tgz", by_class)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    watchdog = threading.Timer(SERVER_LIFETIME_S, server.shutdown)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", sha, by_class
-    finally:
-        watchdog.cancel()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with local_server(functools.partial(_Handler, directory=str(root))) as url:
+        yield url, sha, by_class
 
 
 def _listing(split_dir: Path) -> dict[str, set[str]]:

@@ -3,7 +3,6 @@ import http.server
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -14,6 +13,8 @@ import torchvision
 
 from flowers_dist.config import ModelConfig
 from flowers_dist.model import WeightsError, build_model
+
+from conftest import local_server
 
 
 def _check_backbone_equal(model, source_state):
@@ -70,6 +71,7 @@ def test_channels_last_and_unknown_model():
 class _HubFiles(http.server.BaseHTTPRequestHandler):
     """The two requests huggingface_hub makes for one file: HEAD (commit, ETag, size), then GET."""
 
+    timeout = 30  # a stuck client connection cannot hold a server thread forever
     files: dict[str, bytes] = {}
     seen: list[str] = []
 
@@ -108,21 +110,17 @@ def test_imagenet_weights_download_through_the_hub_client_and_then_come_from_the
     torch.save(reference.state_dict(), tmp_path / "reference.pt")
     _HubFiles.files = {"/timm/resnet18.tv_in1k/resolve/main/model.safetensors": (tmp_path / "w.safetensors").read_bytes()}
     _HubFiles.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubFiles)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     code = (f"import torch; from flowers_dist.config import ModelConfig; from flowers_dist.model import build_model; "
             f"m = build_model(ModelConfig(name='resnet18.tv_in1k', pretrained='imagenet'), 5); "
             f"torch.save(m.state_dict(), {str(tmp_path / 'built.pt')!r})")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(tmp_path / "hf"))
+    env["HF_HOME"] = str(tmp_path / "hf")
     reference = torch.load(tmp_path / "reference.pt")
-    try:
+    with local_server(_HubFiles) as url:
+        env["HF_ENDPOINT"] = url
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "GET /timm/resnet18.tv_in1k/resolve/main/model.safetensors" in _HubFiles.seen
-    finally:
-        server.shutdown()
-        server.server_close()
     _check_backbone_equal(_built(tmp_path / "built.pt"), reference)
     (tmp_path / "built.pt").unlink()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -15,6 +15,7 @@ cache) before the timed ones.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -41,21 +42,21 @@ def loader_rates(cfg: DataConfig, split: Split, batch: int, placement: Placement
         from ..data.dali import build_dali_loader
 
         loader = build_dali_loader(cfg, split, True, batch, placement, seed=0, fused=dali_fused)
-    rates = []
-    for epoch in range(epochs + 1):
-        loader.set_epoch(epoch)
-        sync(placement.device)
-        start, images = time.perf_counter(), 0
-        for x, _ in loader:
-            images += x.shape[0]
+    next_epoch = itertools.count()
+
+    def epoch() -> int:
+        loader.set_epoch(next(next_epoch))
+        images = sum(x.shape[0] for x, _ in loader)
         sync(placement.device)  # the last batch must have arrived before the clock is read
-        if epoch > 0:  # epoch 0 is the warm-up
-            rates.append(images / (time.perf_counter() - start))
+        return images
+
+    rates = _epochs_of(epoch, epochs)
     del loader
     return rates
 
 
 def _epochs_of(run_epoch: Callable[[], int], epochs: int) -> list[float]:
+    """Images/s of `epochs` calls of run_epoch (which returns its image count) after one warm-up call."""
     rates = []
     for epoch in range(epochs + 1):
         start = time.perf_counter()

@@ -28,9 +28,9 @@ import numpy as np
 
 # The per-sample parameter vector, assembled in the DALI graph.
 ANGLE, BRIGHTNESS, CONTRAST, SATURATION, MIRROR = range(5)
-MEAN = slice(5, 8)  # mean per channel, 0-255 scale
-INV_STD = slice(8, 11)  # 1 / std per channel, 0-255 scale
-NUM_PARAMS = 11
+MEAN = 5  # first of the three per-channel means, 0-255 scale
+INV_STD = 8  # first of the three per-channel 1 / std, 0-255 scale
+NUM_PARAMS = INV_STD + 3
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -68,8 +68,8 @@ def _finish(out, img, prm, chw):
     d = k * s
     offset = np.float32(128.0) * (one - c) * b
     # Normalisation folded into one multiply-add: (v - mean) / std = v * inv - mean * inv.
-    inv0, inv1, inv2 = prm[8], prm[9], prm[10]
-    sub0, sub1, sub2 = prm[5] * inv0, prm[6] * inv1, prm[7] * inv2
+    inv0, inv1, inv2 = prm[INV_STD], prm[INV_STD + 1], prm[INV_STD + 2]
+    sub0, sub1, sub2 = prm[MEAN] * inv0, prm[MEAN + 1] * inv1, prm[MEAN + 2] * inv2
     cx, cy = np.float32(width * 0.5), np.float32(height * 0.5)
     mirrored = prm[MIRROR] > np.float32(0.5)
     step = -one if mirrored else one
