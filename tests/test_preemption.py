@@ -25,7 +25,8 @@ from conftest import REPO, TINY, cli, free_port, metrics
 
 # Five steps per epoch, agreement on every step, so that a signal lands mid-epoch and is acted on at the next step.
 STEPS = 5
-RUN = ["train", "--config", "configs/quickstart.yaml", *TINY, f"train.max_steps_per_epoch={STEPS}", "train.epochs=2",
+# timm's test_resnet (0.4 M parameters, BatchNorm like ResNet-18): checkpoints of 3 MB instead of 90 MB.
+RUN = ["train", "--config", "configs/quickstart.yaml", *TINY, "model.name=test_resnet", f"train.max_steps_per_epoch={STEPS}", "train.epochs=2",
        "train.log_every=1", "train.stop_check_every=1"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 
@@ -234,10 +235,10 @@ MIB = 1024 * 1024
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A real tmpfs of a few MiB (root only), too small for a ResNet-18 checkpoint (about 90 MB with momentum)."""
+    """A real tmpfs of a few MiB (root only), too small for a test_resnet checkpoint (3 MB with momentum)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
     try:
@@ -308,3 +309,15 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_completes_from_its_checkpoi
     assert events.count("start") == 1 and events.count("resume") == 1 and events[-1] == "end", events
     resume = next(r for r in records if r["event"] == "resume")
     assert (resume["from_epoch"], resume["from_step"]) >= (0, 2)
+
+
+def test_time_based_checkpoints_land_mid_epoch_and_only_the_newest_are_kept(tmp_path):
+    # 0.0001 minutes: due at every agreement (every step here), decided by the main process's clock.
+    run = [*RUN, "data.loader=torch", "train.checkpoint_every_minutes=0.0001", "train.keep_checkpoints=3",
+           f"train.output_dir={tmp_path}", "train.name=timed"]
+    cli(run)
+    ck = tmp_path / "timed" / "checkpoints"
+    kept = sorted(p.name for p in ck.glob("step-*.pt"))
+    assert kept == [f"step-{s:08d}.pt" for s in (2 * STEPS - 2, 2 * STEPS - 1, 2 * STEPS)], kept
+    assert checkpoint.load(ck / f"step-{2 * STEPS - 1:08d}.pt")["position"] == {"epoch": 1, "step": STEPS - 1}
+    assert (ck / "last.pt").samefile(ck / f"step-{2 * STEPS:08d}.pt")  # one write, two names
