@@ -13,7 +13,8 @@ from accelerate.utils import broadcast_object_list, gather_object, is_compiled_m
 
 from . import checkpoint
 from .config import Config, ConfigError, OptimConfig, TrainConfig
-from .data import build_loader, scan_dataset
+from .data import build_loader
+from .data.usable import shared, usable_splits
 from .distributed import make_accelerator, num_nodes, placement
 from .evaluate import EvalResult, local_counts
 from .model import build_model
@@ -58,7 +59,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
                backward=torch.Tensor.backward) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step (forward, loss, backward, update); `backward` is Accelerate's under DDP or mixed precision."""
     logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
+    # sum / n, not mean: the same value for n > 0, and 0 (with zero gradients) for a rank's empty
+    # batch, where the mean would be NaN and poison every rank through the all-reduce.
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum") / max(labels.numel(), 1)
     optimizer.zero_grad(set_to_none=True)
     backward(loss)
     optimizer.step()
@@ -85,7 +88,8 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
     world = accelerator.num_processes
     batch_per_rank = batch_per_process(cfg.train, world)
 
-    train_split, val_split = scan_dataset(cfg.data.root)
+    # One process checks the files (cached by path, size and mtime); the others get its verdict.
+    train_split, val_split, skipped = shared(lambda: usable_splits(cfg.data), accelerator.is_main_process, broadcast_object_list)
     classes = list(train_split.classes)
     if len(train_split) < cfg.train.global_batch_size:
         raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} is more than the {len(train_split)} training images")
@@ -133,6 +137,8 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
                               placement=place, seed=cfg.train.seed)
 
     rec.start(cfg, classes, environment(world, num_nodes(accelerator), device), start_epoch, resumed=resume is not None)
+    rec.log_data_check(skipped.record())
+    rec.print(skipped.line())
     rec.print(f"run {run_dir}: {len(train_split)} train / {len(val_split)} val images, {len(classes)} classes, "
               f"{world} process(es) on {device.type}, global batch {cfg.train.global_batch_size}, "
               f"{len(train_loader)} steps/epoch, precision {cfg.train.mixed_precision}"
