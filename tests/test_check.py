@@ -130,3 +130,33 @@ def test_cache_lives_in_the_root_when_writable_else_in_the_home_cache(tmp_path, 
         assert cache_path(ro) != cache_path(tmp_path / "elsewhere")  # one file per data root
     finally:
         ro.chmod(0o755)
+
+
+def test_decoders_do_what_the_table_says(tmp_path):
+    """DALI's CPU decoder on each generated file: the kept kinds decode to PIL's pixels, the skipped ones fail."""
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    from broken_files import write_broken
+    from flowers_dist.data.torch_loader import load_rgb
+
+    photo = next(p for p in sorted((SAMPLE / "train" / "daisy").iterdir()) if load_rgb(p).size[0] != load_rgb(p).size[1])
+    files = {p.name: p for p in write_broken(tmp_path, photo)}
+
+    def dali(path):
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def pipe():
+            jpegs, _ = fn.readers.file(files=[str(path)])
+            return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        p = pipe()
+        p.build()
+        return np.array(p.run()[0][0])
+
+    for name in ("zz_png_named.jpg", "zz_cmyk.jpg", "zz_grayscale.jpg", "zz_progressive.jpg", "zz_exif_rotated.jpg"):
+        pil = np.asarray(load_rgb(files[name]))
+        assert np.array_equal(dali(files[name]), pil), name
+    assert np.asarray(load_rgb(files["zz_exif_rotated.jpg"])).shape[:2] == np.asarray(load_rgb(photo)).shape[1::-1]
+    for name in ("zz_truncated.jpg", "zz_zero_bytes.jpg", "zz_text.jpg", "zz_garbled.jpg"):
+        with pytest.raises(RuntimeError):
+            dali(files[name])
