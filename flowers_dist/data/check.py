@@ -182,7 +182,10 @@ def _mark_copies(probes: dict[str, list[Probe]], root: Path) -> None:
             if name != "train" and p.digest in seen.get("train", {}):
                 probes[name][i] = replace(p, kind="leak", detail=f"same bytes as {rel(seen['train'][p.digest])}")
             elif p.digest in mine:
-                probes[name][i] = replace(p, kind="duplicate", detail=f"same bytes as {rel(mine[p.digest])}")
+                first = mine[p.digest]
+                # The same photo under two classes is a label conflict, not just a repeat.
+                conflict = " (another class: conflicting labels)" if Path(first).parent.name != Path(p.path).parent.name else ""
+                probes[name][i] = replace(p, kind="duplicate", detail=f"same bytes as {rel(first)}{conflict}")
             else:
                 mine[p.digest] = p.path
 
