@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -35,8 +36,6 @@ def quarantine(report: CheckReport, dest: Path) -> Path:
         except OSError as exc:
             if exc.errno != 18:  # EXDEV: another file system
                 raise DataError(f"could not move {src} to {target}: {exc.strerror}") from None
-            import shutil
-
             shutil.move(str(src), str(target))
         entries.append({"from": str(origin),
                         "to": str(target.absolute()), "kind": probe.kind, "detail": probe.detail,
