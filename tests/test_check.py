@@ -80,6 +80,9 @@ def test_fatal_layouts_exit_2_and_a_clean_set_exits_0(tmp_path):
     proc = cli(["data", "check", str(root)], check=False)
     assert proc.returncode == 2 and "train/roses has no usable image (8 skipped)" in proc.stdout
     assert cli(["data", "check", str(tmp_path / "nowhere")], check=False).returncode == 2
+    # A folder of class folders (what eval reads) is checked as one split.
+    proc = cli(["data", "check", str(root / "val")], check=False)
+    assert proc.returncode == 1 and "roses/zz_truncated.jpg: truncated" in proc.stdout
 
 
 def test_quarantine_moves_and_restore_puts_back(broken, tmp_path):

@@ -214,10 +214,15 @@ def check_splits(root: Path, splits: dict[str, SplitFiles], cfg: DataConfig, *, 
 
 
 def check_dataset(root: str | Path, cfg: DataConfig, *, workers: int, progress: bool = False) -> CheckReport:
-    """`flowers-dist data check ROOT`: every layout problem and every file, not just the first problem."""
+    """`flowers-dist data check ROOT`: every layout problem and every file, not just the first problem.
+
+    ROOT holds train/ and val/, or is itself a folder of class folders (what eval and predict read)."""
     root = Path(root)
     if not root.is_dir():
         return CheckReport(root, {}, {}, [f"data root {root} does not exist (run `flowers-dist data fetch {root}`)"])
+    if not any((root / name).is_dir() for name in SPLITS):  # a folder of class folders, as eval takes
+        split, fatal = list_split(root, root.name)
+        return check_splits(root, {root.name: split}, cfg, workers=workers, progress=progress, fatal=fatal)
     splits, fatal = {}, []
     for name in SPLITS:
         splits[name], problems = list_split(root / name, name)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def add_arguments(check: argparse.ArgumentParser) -> None:
-    check.add_argument("root", type=Path, nargs="?", help="data-set root holding train/ and val/")
+    check.add_argument("root", type=Path, nargs="?", help="data-set root holding train/ and val/, or one folder of class folders")
     check.add_argument("--quarantine", type=Path, metavar="DIR",
                        help="move every file training would skip into DIR (never deleted), with DIR/manifest.json")
     check.add_argument("--restore", type=Path, metavar="MANIFEST", help="put the files of a quarantine manifest back")

@@ -262,9 +262,10 @@ class DaliLoader:
         detail = lines[after] if after < len(lines) else type(exc).__name__
         bad = suspect_files(self.split.files)
         named = f"; files that look truncated or not images: {', '.join(map(str, bad))}" if bad else ""
+        root = self.split.root.parent if self.split.root.name in ("train", "val") else self.split.root
         return DataError(f"the DALI pipeline failed on {self.split.root}: {detail[:300]}{named} "
                          "(data.check=true, the default, leaves undecodable files out; "
-                         f"`flowers-dist data check {self.split.root.parent}` lists them)")
+                         f"`flowers-dist data check {root}` lists them)")
 
 
 def suspect_files(files, limit: int = 3) -> list:
