@@ -21,7 +21,7 @@ from pathlib import Path
 from ..config import DataConfig
 from .check_cache import CheckCache, cache_path
 from .folder import IMAGE_SUFFIXES, Split
-from .probe import DECODERS, NOTES, SKIPPED, Probe, probe_many
+from .probe import DECODERS, NOTES, Probe, probe_many
 
 SPLITS = ("train", "val")
 CHUNK = 32  # files per pool task: big enough to amortise pickling, small enough for a smooth bar

@@ -12,7 +12,7 @@ import hashlib
 import io
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from PIL import Image, UnidentifiedImageError
 
