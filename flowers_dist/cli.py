@@ -11,7 +11,7 @@ from pathlib import Path
 
 # Only light imports here: torch and timm load with the command that needs them.
 # Errors a user can fix get one line, not a traceback.
-from .errors import USER_ERRORS, ConfigError, DataError
+from .errors import EXIT_USER_ERROR, USER_ERRORS, ConfigError, DataError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         # all ranks, or decided on rank 0 and shared): one line from rank 0, the same exit code from all.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"flowers-dist: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 
