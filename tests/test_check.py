@@ -163,3 +163,22 @@ def test_decoders_do_what_the_table_says(tmp_path):
     for name in ("zz_truncated.jpg", "zz_zero_bytes.jpg", "zz_text.jpg", "zz_garbled.jpg"):
         with pytest.raises(RuntimeError):
             dali(files[name])
+
+
+def test_the_main_process_error_is_sent_to_every_rank():
+    """shared(): what rank 0 computes, or the DataError it meets, goes through the broadcast, so no rank
+    is left waiting in it (the launcher would otherwise kill the waiting ranks, not let them exit with 2)."""
+    from flowers_dist.data.folder import DataError
+    from flowers_dist.data.usable import shared
+
+    sent = []
+
+    def fail():
+        raise DataError("class folder x holds no images")
+
+    with pytest.raises(DataError, match="holds no images"):
+        shared(fail, True, sent.append)
+    assert len(sent) == 1 and isinstance(sent[0][0], DataError)  # rank 0 broadcast the error before raising it
+    with pytest.raises(DataError, match="holds no images"):
+        shared(lambda: pytest.fail("only the main process computes"), False, lambda box: box.__setitem__(0, sent[0][0]))
+    assert shared(lambda: (1, 2), True, lambda box: None) == (1, 2)
