@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=-1, help="decode workers per process (-1 = cores per process)")
     ev.add_argument("--device", choices=["auto", "cpu"], default="auto")
     ev.add_argument("--json", help="also write the result as JSON here")
+    ev.add_argument("--loader", choices=["auto", "dali", "torch"], default="auto",
+                    help="decoder: auto = DALI where it imports, else PyTorch (files that do not decode are skipped and named)")
 
     pr = sub.add_parser("predict", help="top-k classes for images or folders of images")
     pr.add_argument("checkpoint", type=Path)
@@ -55,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--val-fraction", type=float, default=0.2)
     fetch.add_argument("--seed", type=int, default=0)
     fetch.add_argument("--keep-archive", action="store_true")
+    from .data.check_cli import add_arguments as add_check_arguments
+
+    add_check_arguments(data_sub.add_parser("check", help="find unreadable, odd, duplicate and leaked files; exit 0 clean, 1 skippable, 2 fatal"))
     return parser
 
 
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from .inference import run_eval
 
-            run_eval(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.json)
+            run_eval(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.json, args.loader)
         elif args.command == "predict":
             _predict(args)
         elif args.command == "report":
@@ -116,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run
 
             run(args)
+        elif args.command == "data" and args.data_command == "check":
+            from .data.check_cli import run as run_check
+
+            return run_check(args)
         elif args.command == "data":
             from .data.fetch import FetchError, fetch_flowers
 
@@ -134,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowers-dist: error: {exc}", file=sys.stderr)
         return EXIT_DISK
     except USER_ERRORS as exc:
-        print(f"flowers-dist: error: {exc}", file=sys.stderr)
+        # Under a launcher every process meets the same error (data and config are checked alike on
+        # all ranks, or decided on rank 0 and shared): one line from rank 0, the same exit code from all.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"flowers-dist: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 

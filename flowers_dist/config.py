@@ -43,6 +43,15 @@ class DataConfig:
     hw_decoder_load: float = -1.0
     """DALI on a GPU: share of JPEGs sent to the hardware JPEG decoder (A100/H100/H200), the rest
     to nvJPEG's CUDA decoder; -1 = DALI's default (0.65 or 0.9 depending on the DALI version)."""
+    check: bool = True
+    """Check every file once before training (cached) and give the loaders only those that decode;
+    false = trust the folder (the PyTorch loader still skips unreadable files, DALI stops on one)."""
+    check_cache: str = ""
+    """File caching the check by path, size and mtime; empty = in the data root if writable, else ~/.cache/flowers-dist."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels are skipped (a decompression-bomb guard); at most PIL's hard limit, 178,956,970."""
+    min_side: int = 16
+    """Images with a side shorter than this, in pixels, are skipped (a 1x1 placeholder carries no content)."""
 
     def validate(self) -> None:
         _check(self.image_size >= 16, "data.image_size", f"must be >= 16, got {self.image_size}")
@@ -56,6 +65,8 @@ class DataConfig:
         _check(self.num_workers >= -1, "data.num_workers", f"must be -1 (auto) or >= 0, got {self.num_workers}")
         _check(self.hw_decoder_load == -1 or 0 <= self.hw_decoder_load <= 1, "data.hw_decoder_load",
                f"must be -1 (DALI's default) or in [0, 1], got {self.hw_decoder_load}")
+        _check(0 < self.max_pixels <= 178_956_970, "data.max_pixels", f"must be in [1, 178956970] (PIL's limit), got {self.max_pixels}")
+        _check(self.min_side >= 1, "data.min_side", f"must be >= 1, got {self.min_side}")
 
     @property
     def eval_resize(self) -> int:
@@ -295,7 +306,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({exc.__class__.__name__})") from None
+            raise ConfigError(f"override '{item}': value is not valid YAML ({yaml_problem(exc)})") from None
         current = data.setdefault(section, {})
         if not isinstance(current, dict):
             raise ConfigError(f"config section '{section}' must be a mapping")
@@ -310,8 +321,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     return data or {}
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line L, column C: what` from a YAML error (PyYAML counts from 0; editors count from 1)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    if context and start is not None and start is not mark:  # e.g. where an unclosed bracket opened
+        context += f" started at line {start.line + 1}, column {start.column + 1}"
+    return where + problem + (f" ({context})" if context else "")
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from . import checkpoint
 from .config import from_dict
@@ -14,6 +15,7 @@ from .data import Placement, build_loader, scan_split
 from .data.contract import DeviceNormalizer
 from .data.folder import IMAGE_SUFFIXES, DataError, resolve_eval_dir
 from .data.torch_loader import eval_transform, load_rgb
+from .data.usable import shared, usable_split
 from .distributed import make_accelerator, placement
 from .evaluate import EvalResult, local_counts
 from .model import build_model
@@ -31,11 +33,21 @@ def load_trained(path: str | Path, device: torch.device):
     return model.to(device).eval(), cfg, list(state["classes"])
 
 
-def run_eval(checkpoint_path: str | Path, data_dir: str | Path, batch_size: int, workers: int, device: str, json_path: str | None) -> EvalResult:
-    """Every process counts its shard; counts are summed once, so each image counts exactly once."""
+def run_eval(checkpoint_path: str | Path, data_dir: str | Path, batch_size: int, workers: int, device: str, json_path: str | None,
+             loader: str = "auto") -> EvalResult:
+    """Every process counts its shard; counts are summed once, so each image counts exactly once.
+
+    Files that do not decode are left out (and named) by the data check, whichever the loader.
+    """
     accelerator = make_accelerator(device, "no")
     model, cfg, classes = load_trained(checkpoint_path, accelerator.device)
+    cfg.data.loader = loader
     split = scan_split(resolve_eval_dir(data_dir), classes)
+    split, skipped = shared(lambda: usable_split(cfg.data, split), accelerator.is_main_process, broadcast_object_list)
+    if accelerator.is_main_process and skipped.count:
+        print(skipped.line().replace("data check:", "eval:") + "; skipped files:")
+        for path, kind, detail in skipped.files:
+            print(f"  {path}: {kind}: {detail}")
     place = placement(accelerator, channels_last=cfg.model.channels_last, workers=workers)
     loader = build_loader(cfg.data, split, train=False, batch_per_rank=batch_size, placement=place, seed=0)
     counts = local_counts(model, loader, len(classes), accelerator.device)
@@ -44,7 +56,8 @@ def run_eval(checkpoint_path: str | Path, data_dir: str | Path, batch_size: int,
         print(f"{checkpoint_path} on {split.root} ({accelerator.num_processes} process(es))")
         print(result.format(classes))
         if json_path:
-            Path(json_path).write_text(json.dumps({**result.to_dict(classes), "world_size": accelerator.num_processes}, indent=1) + "\n")
+            Path(json_path).write_text(json.dumps({**result.to_dict(classes), "world_size": accelerator.num_processes,
+                                                   "skipped": skipped.record()["skipped_files"]}, indent=1) + "\n")
     return result
 
 
@@ -76,7 +89,7 @@ def predict(checkpoint_path: str | Path, inputs: list[str], topk: int, batch_siz
         batch, kept = [], []
         for path in paths[start : start + batch_size]:
             try:
-                batch.append(transform(load_rgb(path)))
+                batch.append(transform(load_rgb(path, cfg.data.max_pixels)))
                 kept.append(path)
             except (OSError, ValueError, SyntaxError) as exc:
                 log.warning("skipping unreadable image %s: %s", path, exc)

@@ -114,6 +114,16 @@ class Recorder:
         if self._wandb:
             self._accelerator.log(tracking.epoch_values(record, self._classes), step=record["step"])
 
+    def log_data_check(self, record: dict[str, Any]) -> None:
+        """The `data_check` row (files the check left out, and why); in W&B as summary values, which need no step."""
+        if not self.is_main:
+            return
+        self.log(record)
+        if self._wandb:
+            run = self._accelerator.get_tracker("wandb", unwrap=True)
+            run.summary.update({"data/skipped": record["skipped"],
+                                **{f"data/skipped_{kind}": n for kind, n in record["skipped_by_kind"].items()}})
+
     def finish(self, record: dict[str, Any] | None = None) -> None:
         """The `end` record (also the W&B summary), then close the trackers. Every rank calls this.
 

@@ -27,7 +27,8 @@ from accelerate.utils import broadcast_object_list, gather_object, is_compiled_m
 from . import checkpoint, errors
 from .checkpointing import CheckpointManager, Claim, Position, Progress, default_run_name
 from .config import Config, ConfigError, OptimConfig, TrainConfig
-from .data import BatchLoader, build_loader, scan_dataset
+from .data import BatchLoader, build_loader
+from .data.usable import shared, usable_splits
 from .distributed import make_accelerator, num_nodes, placement
 from .errors import DiskError, HungError, PreemptedError
 from .evaluate import EvalResult, local_counts
@@ -73,7 +74,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
                backward=torch.Tensor.backward) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step (forward, loss, backward, update); `backward` is Accelerate's under DDP or mixed precision."""
     logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
+    # sum / n, not mean: the same value for n > 0, and 0 (with zero gradients) for a rank's empty
+    # batch, where the mean would be NaN and poison every rank through the all-reduce.
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum") / max(labels.numel(), 1)
     optimizer.zero_grad(set_to_none=True)
     backward(loss)
     optimizer.step()
@@ -164,7 +167,8 @@ def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSigna
     world = accelerator.num_processes
     batch_per_rank = batch_per_process(cfg.train, world)
 
-    train_split, val_split = scan_dataset(cfg.data.root)
+    # One process checks the files (cached by path, size and mtime); the others get its verdict.
+    train_split, val_split, skipped = shared(lambda: usable_splits(cfg.data), accelerator.is_main_process, broadcast_object_list)
     classes = list(train_split.classes)
     if len(train_split) < cfg.train.global_batch_size:
         raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} is more than the {len(train_split)} training images")
@@ -196,6 +200,8 @@ def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSigna
     pos = progress.position
     rec.start(cfg, classes, environment(world, num_nodes(accelerator), accelerator.device), pos.epoch,
               resumed=claim.resume_from is not None, start_step=pos.step)
+    rec.log_data_check(skipped.record())
+    rec.print(skipped.line())
     for note in claim.notes:
         rec.print(f"warning: {note}")
     rec.print(f"run {ckpt.run_dir}: {len(train_split)} train / {len(val_split)} val images, {len(classes)} classes, "

@@ -223,7 +223,7 @@ def test_an_unreadable_jpeg_stops_with_a_one_line_error(tmp_path):
     for f in good[:3]:
         (tmp_path / "a" / f.name).write_bytes(f.read_bytes())
     (tmp_path / "b" / "cut.jpg").write_bytes(good[0].read_bytes()[:2000])
-    with pytest.raises(DataError, match=r"cut\.jpg.*data\.loader=torch"):
+    with pytest.raises(DataError, match=rf"cut\.jpg.*data\.check=true.*`flowers-dist data check {tmp_path}` lists them"):
         loader = build_dali_loader(DataConfig(image_size=16), scan_split(tmp_path), False, 2, _cpu(), seed=0)
         for _ in loader:
             pass

@@ -69,6 +69,7 @@ def test_offline_run_streams_config_history_and_summary(offline_run):
     assert end["event"] == "end" and "time_to_target" in end
     assert logged["summary"]["run/best_val_acc"] == pytest.approx(end["best_val_acc"])
     assert logged["summary"]["run/best_epoch"] == end["best_epoch"]
+    assert logged["summary"]["data/skipped"] == next(r for r in records if r["event"] == "data_check")["skipped"] == 0
 
 
 def _check_report(run, proc):

@@ -17,8 +17,9 @@ Differences from the PyTorch loader, by design:
   checkpoint (`resume_state()`, reader position and random generators) with the run and
   rebuilds the pipeline from it; a resume on a different number of processes starts afresh.
 - Augmentation is drawn per rank (pipeline seed from seed and rank), not per file.
-- A file DALI cannot decode stops the run with a one-line DataError that names the file and
-  data.loader=torch, which skips such files instead.
+- A file DALI cannot decode would stop the run; the data check before training and evaluation
+  (data/usable.py) leaves such files out, so only data.check=false, or a file changed after the
+  check, meets the one-line DataError that names the suspects.
 """
 
 from __future__ import annotations
@@ -276,8 +277,10 @@ class DaliLoader:
         detail = lines[after] if after < len(lines) else type(exc).__name__
         bad = suspect_files(self.split.files)
         named = f"; files that look truncated or not images: {', '.join(map(str, bad))}" if bad else ""
+        root = self.split.root.parent if self.split.root.name in ("train", "val") else self.split.root
         return DataError(f"the DALI pipeline failed on {self.split.root}: {detail[:300]}{named} "
-                         "(data.loader=torch skips unreadable files)")
+                         "(data.check=true, the default, leaves undecodable files out; "
+                         f"`flowers-dist data check {root}` lists them)")
 
 
 def suspect_files(files, limit: int = 3) -> list:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import warnings
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -40,17 +42,30 @@ def eval_transform(cfg: DataConfig) -> Callable:
     return v2.Compose([v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(cfg.image_size), v2.PILToTensor()])
 
 
-def load_rgb(path) -> Image.Image:
-    # Honour the EXIF orientation tag, as DALI's decoder does, so both loaders see the same pixels.
-    with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+class UnreadableImage(OSError):
+    """A file load_rgb refuses, with the reason (an OSError, so every caller's skip path catches it)."""
+
+
+def load_rgb(path, max_pixels: int = DataConfig.max_pixels) -> Image.Image:
+    """Decode to RGB, refusing images over max_pixels from the header, before their pixels are allocated."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit applied is max_pixels
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise UnreadableImage(f"{w}x{h} = {w * h:,} pixels, over data.max_pixels={max_pixels:,}")
+                # Honour the EXIF orientation tag, as DALI's decoder does, so both loaders see the same pixels.
+                return ImageOps.exif_transpose(img).convert("RGB")
+    except Image.DecompressionBombError as exc:  # over PIL's own hard limit: refused at open
+        raise UnreadableImage(str(exc).split(", could be")[0]) from None
 
 
 class ImageFiles(Dataset):
     """Indexed by (file index, epoch) so augmentation is a pure function of seed, epoch and file."""
 
-    def __init__(self, split: Split, transform: Callable, seed: int):
-        self.split, self.transform, self.seed = split, transform, seed
+    def __init__(self, split: Split, transform: Callable, seed: int, max_pixels: int = DataConfig.max_pixels):
+        self.split, self.transform, self.seed, self.max_pixels = split, transform, seed, max_pixels
 
     def __len__(self) -> int:
         return len(self.split)
@@ -59,7 +74,7 @@ class ImageFiles(Dataset):
         index, epoch = key
         path = self.split.files[index]
         try:
-            image = load_rgb(path)
+            image = load_rgb(path, self.max_pixels)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
             log.warning("skipping unreadable image %s: %s", path, exc)
             return None
@@ -69,11 +84,16 @@ class ImageFiles(Dataset):
             return self.transform(image), self.split.labels[index]
 
 
-def collate_skipping(items):
-    """Stack uint8 images; files that failed to decode were already logged and are left out."""
+def collate_skipping(items, size: int):
+    """Stack uint8 images; files that failed to decode were already logged and are left out.
+
+    A batch with none left is (0, 3, size, size), not (0, 3, 0, 0): the model runs on it (every
+    layer accepts an empty batch of the right shape), so a training rank with nothing to learn
+    from in a step still joins DDP's gradient all-reduce instead of crashing in a pooling layer.
+    """
     items = [item for item in items if item is not None]
     if not items:
-        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
     images, labels = zip(*items)
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
@@ -103,7 +123,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
 class TorchLoader:
     """DataLoader over one split, sharded by global rank, yielding the loader contract."""
 
-    def __init__(self, dataset: ImageFiles, batches: _EpochBatches, normalize: DeviceNormalizer, placement: Placement):
+    def __init__(self, dataset: ImageFiles, batches: _EpochBatches, normalize: DeviceNormalizer, placement: Placement,
+                 image_size: int):
         self.batches = batches
         self.normalize = normalize
         self.device = placement.device
@@ -113,7 +134,7 @@ class TorchLoader:
             dataset,
             batch_sampler=batches,
             num_workers=workers,
-            collate_fn=collate_skipping,
+            collate_fn=partial(collate_skipping, size=image_size),
             worker_init_fn=_ignore_stop_signals,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
@@ -162,5 +183,5 @@ def build_torch_loader(cfg: DataConfig, split: Split, train: bool, batch_per_ran
             return eval_shard(len(split), batch_per_rank, p.rank, p.world_size)
         transform = eval_transform(cfg)
     # Each file's augmentation depends on (seed, epoch, file), not on the rank that reads it.
-    dataset = ImageFiles(split, transform, seed)
-    return TorchLoader(dataset, _EpochBatches(make), DeviceNormalizer(cfg.mean, cfg.std, p), p)
+    dataset = ImageFiles(split, transform, seed, cfg.max_pixels)
+    return TorchLoader(dataset, _EpochBatches(make), DeviceNormalizer(cfg.mean, cfg.std, p), p, cfg.image_size)

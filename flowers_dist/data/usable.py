@@ -1,0 +1,100 @@
+"""What training and evaluation read: the splits with only the files that decode, from the cached check."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..config import DataConfig
+from . import default_workers
+from .check import CheckReport, check_splits, from_split
+from .folder import DataError, Split, scan_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """What the check left out, for the log line, metrics.jsonl and W&B."""
+
+    count: int
+    by_kind: dict[str, int]
+    files: tuple[tuple[str, str, str], ...]  # (path, kind, detail)
+    seconds: float
+    probed: int
+    cache_file: str | None
+    checked: bool = True
+
+    def line(self) -> str:
+        if not self.checked:
+            return "data check: off (data.check=false); the PyTorch loader skips unreadable files, DALI stops on one"
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.by_kind.items()))
+        where = f"; cache {self.cache_file}" if self.cache_file else "; cache not writable"
+        return (f"data check: {self.count} file(s) skipped" + (f" ({kinds})" if kinds else "")
+                + f", {self.seconds:.1f} s, {self.probed} probed{where}")
+
+    def record(self) -> dict:
+        """The metrics.jsonl `data_check` event (a few files named; `flowers-dist data check` lists them all)."""
+        return {"event": "data_check", "checked": self.checked, "skipped": self.count, "skipped_by_kind": self.by_kind,
+                "skipped_files": [{"path": p, "kind": k, "detail": d} for p, k, d in self.files[:50]],
+                "check_seconds": self.seconds, "probed": self.probed}
+
+
+def _workers(cfg: DataConfig) -> int:
+    # One process scans while the others wait, so it may use every core of the node.
+    return default_workers(1) if cfg.num_workers < 0 else max(1, cfg.num_workers)
+
+
+def _skipped(report: CheckReport) -> Skipped:
+    files = tuple((p.path, p.kind, p.detail) for _, p in report.skipped())
+    for path, kind, detail in files:
+        log.warning("skipping %s: %s: %s", path, kind, detail)
+    return Skipped(len(files), report.skipped_counts(), files, report.seconds, report.probed,
+                   str(report.cache_file) if report.cache_file else None)
+
+
+def _raise_fatal(report: CheckReport) -> None:
+    if report.fatal:
+        raise DataError(f"{report.fatal[0]} (`flowers-dist data check {report.root}` lists every problem)")
+
+
+def usable_splits(cfg: DataConfig, progress: bool = False) -> tuple[Split, Split, Skipped]:
+    """Train and val holding only the files both loaders decode (or everything, with data.check=false)."""
+    train, val = scan_dataset(cfg.root)  # layout errors, as before
+    if not cfg.check:
+        return train, val, Skipped(0, {}, (), 0.0, 0, None, checked=False)
+    report = check_splits(Path(cfg.root), {"train": from_split("train", train), "val": from_split("val", val)}, cfg,
+                          workers=_workers(cfg), progress=progress)
+    _raise_fatal(report)
+    return report.usable("train"), report.usable("val"), _skipped(report)
+
+
+def usable_split(cfg: DataConfig, split: Split) -> tuple[Split, Skipped]:
+    """One labelled folder (eval), checked the same way; no leakage check across splits."""
+    if not cfg.check:
+        return split, Skipped(0, {}, (), 0.0, 0, None, checked=False)
+    # A data set's val/ shares the root's cache with training and `data check`; any other folder has its own.
+    root = split.root.parent if split.root.name == "val" and (split.root.parent / "train").is_dir() else split.root
+    report = check_splits(root, {"val": from_split("val", split)}, cfg, workers=_workers(cfg))
+    _raise_fatal(report)
+    return report.usable("val"), _skipped(report)
+
+
+def shared(compute: Callable[[], object], is_main: bool, broadcast: Callable[[list], object]) -> object:
+    """compute() on the main process only; every process gets its result, or raises its error.
+
+    An error on the main process alone would leave the others waiting in the broadcast: it is
+    sent like a result, and raised everywhere, so every rank exits the same way.
+    """
+    box: list = [None]
+    if is_main:
+        try:
+            box[0] = compute()
+        except DataError as exc:
+            box[0] = exc
+    broadcast(box)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
