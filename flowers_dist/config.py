@@ -132,6 +132,8 @@ class TrainConfig:
     """Run name; empty = config name plus a timestamp."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Progress bar (`bar`), one line per epoch (`lines`), or bar only on a terminal (`auto`)."""
+    cudnn_benchmark: bool = True
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the fastest (fixed-size batches)."""
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")

@@ -11,11 +11,14 @@ from .config import ConfigError
 from .data import Placement, default_workers
 
 
-def make_accelerator(device: str, mixed_precision: str, log_with: str | None = None, compile_model: bool = False) -> Accelerator:
+def make_accelerator(device: str, mixed_precision: str, log_with: str | None = None, compile_model: bool = False,
+                     cudnn_benchmark: bool = True) -> Accelerator:
     """The Accelerator for this process: CPU or GPU, precision, trackers, and torch.compile when asked.
 
     compile_model=False leaves the choice to Accelerate's own setting (`accelerate launch
-    --dynamo_backend`, ACCELERATE_DYNAMO_BACKEND), off by default.
+    --dynamo_backend`, ACCELERATE_DYNAMO_BACKEND), off by default. cudnn_benchmark applies on
+    CUDA only: training batches have one fixed shape (the last partial batch is dropped), so
+    the algorithm search runs once per shape (train and eval) and its winner is reused.
     """
     use_cpu = device == "cpu" or not torch.cuda.is_available()
     if use_cpu and mixed_precision == "fp16":
@@ -25,6 +28,8 @@ def make_accelerator(device: str, mixed_precision: str, log_with: str | None = N
     # process on a GPU-less host believes it is rank 0 of 1.
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, log_with=log_with,
                               dynamo_backend="inductor" if compile_model else None)
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"launched {launched} processes but Accelerate formed a world of {accelerator.num_processes}; on the CPU launch with `accelerate launch --multi_gpu --num_processes N` (not --cpu)")
