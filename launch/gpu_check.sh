@@ -22,7 +22,7 @@
 #   prepare here:  launch/gpu_wheels.sh .whl                      # ~284 MB in 55 MiB pieces
 #                  mkdir -p .gpu_carry && cp -r ../shared/flowers/val .gpu_carry/val   # 45 MB, ignored
 #                  launch/gpu_check.sh .whl --dry-run             # everything that needs no GPU
-#   call 1: carry .whl/nvidia_dali*.part-00            command: launch/gpu_check.sh .whl --preflight-only
+#   call 1: carry .whl/SHA256SUMS, .whl/nvidia_dali*.part-00   command: launch/gpu_check.sh .whl --preflight-only
 #           (starts the machine, minutes; the pre-flight prints the host's modules and what is missing)
 #   call 2: carry .whl/nvidia_dali*.part-01            command: true
 #   call 3: carry .whl/nvidia_dali*.part-02, -03       command: true
@@ -53,22 +53,28 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do
 done
 [[ "${1:-}" == "--" ]] && shift
 
-# 1. Join split wheels: the pieces sort by name, so a glob joins them in order. A missing piece
-# shows as a gap in the numbering: refuse to join rather than install a truncated wheel.
+# 1. Join split wheels (the pieces sort by name, so a glob joins them in order), each checked
+# against SHA256SUMS from gpu_wheels.sh before its pieces go: a missing piece keeps them all, to
+# be completed by a later carry. The pre-flight alone (--preflight-only) joins nothing.
 shopt -s nullglob
-for first in "$wheel_dir"/*.whl.part-00; do
-    wheel=${first%.part-00}
-    pieces=("$wheel".part-*)
-    last=${pieces[-1]##*.part-}
-    if (( 10#$last + 1 != ${#pieces[@]} )); then
-        echo "gpu_check: $(basename "$wheel") has ${#pieces[@]} pieces but the last is part-$last: carry the rest" >&2
-        exit 2
-    fi
-    cat "${pieces[@]}" > "$wheel.tmp"
-    mv "$wheel.tmp" "$wheel"
-    rm "${pieces[@]}"
-    echo "gpu_check: joined $(basename "$wheel") ($(stat -c %s "$wheel") bytes)"
-done
+if (( ! preflight_only )); then
+    for first in "$wheel_dir"/*.whl.part-00; do
+        wheel=${first%.part-00}
+        name=$(basename "$wheel")
+        pieces=("$wheel".part-*)
+        want=$(awk -v n="$name" '$2 == n || $2 == "./" n {print $1}' "$wheel_dir/SHA256SUMS" 2>/dev/null || true)
+        [[ -n "$want" ]] || { echo "gpu_check: no checksum for $name in $wheel_dir/SHA256SUMS (made by launch/gpu_wheels.sh)" >&2; exit 2; }
+        cat "${pieces[@]}" > "$wheel.tmp"
+        if [[ "$(sha256sum < "$wheel.tmp" | cut -d' ' -f1)" != "$want" ]]; then
+            rm "$wheel.tmp"
+            echo "gpu_check: $name: its ${#pieces[@]} pieces do not make the wheel (a piece is missing or cut): carry the rest" >&2
+            exit 2
+        fi
+        mv "$wheel.tmp" "$wheel"
+        rm "${pieces[@]}"
+        echo "gpu_check: joined $name ($(stat -c %s "$wheel") bytes, checksum ok)"
+    done
+fi
 
 # 2. Pre-flight, offline install of what is missing, pre-flight again (in the same command).
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled

@@ -14,7 +14,8 @@
 # Neither set holds torch or torchvision: they must be the host's (gpu_check.py checks the pair).
 #
 # Pieces: wheels over 55 MiB are split with `split -b 55M -d` into NAME.whl.part-00, -01, ...;
-# gpu_check.sh joins them. Every piece, and each call's whole carry, stays under 64 MiB.
+# gpu_check.sh joins them and checks each joined wheel against SHA256SUMS (written here, before
+# splitting). Every piece, and each call's whole carry, stays under 64 MiB.
 set -euo pipefail
 
 dir=${1:-.whl}
@@ -34,6 +35,9 @@ mkdir -p "$dir"
     --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d "$dir" "${DALI_WHEELS[@]}" "${HOST_WHEELS[@]}"
+# Checksums of the whole wheels, taken before splitting: gpu_check.sh joins a wheel only when its
+# pieces add up to exactly these bytes, so a piece left behind cannot become a broken install.
+(cd "$dir" && sha256sum -- *.whl > SHA256SUMS)
 for w in "$dir"/*.whl; do
     if (( $(stat -c %s "$w") > PIECE_BYTES )); then
         split -b "$PIECE" -d "$w" "$w.part-"
