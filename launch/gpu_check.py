@@ -561,8 +561,9 @@ def end_to_end(data_root: Path, out: Path, batch: int, plan: Plan) -> dict:
     from flowers_dist.train import train
 
     log_every = plan.e2e_log_every(batch)
+    precision = '"no"' if plan.dry else "bf16"  # quoted: YAML reads a bare no as false
     overrides = [f"data.root={data_root}", "data.loader=dali", f"data.image_size={plan.image_size}", "model.pretrained=none",
-                 "model.channels_last=true", f"train.mixed_precision={'no' if plan.dry else 'bf16'}", f"train.global_batch_size={batch}",
+                 "model.channels_last=true", f"train.mixed_precision={precision}", f"train.global_batch_size={batch}",
                  f"train.eval_batch_size={max(batch, 64)}", f"train.epochs={plan.e2e_epochs}", f"train.log_every={log_every}",
                  "train.progress=lines", f"train.output_dir={out}", f"train.name=e2e-{batch}", "tracking.wandb=disabled"]
     if plan.dry:
