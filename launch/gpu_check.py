@@ -67,11 +67,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _wheels(wheel_dir: Path | None) -> dict[str, Path]:
-    """Carried wheels by normalised distribution name (split pieces must have been joined)."""
+def _wheels(wheel_dir: Path | None, pieces: bool = False) -> dict[str, Path]:
+    """Carried wheels by normalised distribution name; pieces=True also counts a split wheel's first piece."""
     if wheel_dir is None or not wheel_dir.is_dir():
         return {}
-    return {_norm(w.name.split("-")[0]): w for w in sorted(wheel_dir.glob("*.whl"))}
+    found = sorted(wheel_dir.glob("*.whl")) + (sorted(wheel_dir.glob("*.whl.part-00")) if pieces else [])
+    return {_norm(w.name.split("-")[0]): w for w in found}
 
 
 # ---------------------------------------------------------------------------------------------- pre-flight
@@ -126,7 +127,7 @@ def _fit_problems(versions: dict[str, str | None], dry: bool) -> list[str]:
 
 def preflight(wheel_dir: Path | None, dry: bool) -> tuple[list[str], list[str]]:
     """Import and print every module with its version; returns (missing distributions, problems)."""
-    wheels = _wheels(wheel_dir)
+    wheels = _wheels(wheel_dir, pieces=True)  # call 1 of the window carries the DALI wheel's first piece only
     versions: dict[str, str | None] = {}
     missing, problems = [], []
     print(f"gpu_check pre-flight: Python {sys.version.split()[0]} ({sys.executable})")
@@ -206,7 +207,7 @@ def preflight_main(args: argparse.Namespace) -> int:
         if not args.dry_run and missing:
             # A fresh interpreter sees the new packages; modules that failed to import stay failed in this one.
             return subprocess.run([sys.executable, __file__, "preflight", "--wheels", str(args.wheels)]).returncode
-    unfixable = [d for d in missing if d in HOST_ONLY or _norm(d) not in _wheels(args.wheels)]
+    unfixable = [d for d in missing if d in HOST_ONLY or _norm(d) not in _wheels(args.wheels, pieces=True)]
     if args.install and not args.dry_run:
         unfixable = missing
     if unfixable or problems:
@@ -411,7 +412,7 @@ def delayed_read(cfg, split, device, batch: int, zero_copy: bool = False) -> dic
     first = images.double().sum()
     if on_gpu:
         stalled.record()
-        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles on torch's stream
+        torch.cuda._sleep(4_000_000_000)  # ~2 s of GPU clock cycles on torch's stream (the read must come after the advance)
     late = images.double().sum()  # queued now, runs after the stall
     if on_gpu:
         read.record()
@@ -487,7 +488,8 @@ def hw_decoder(files: list[str], device, plan: Plan) -> dict:
             return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=load)
 
         with _stderr_captured() as log:
-            pipe = decode(batch_size=batch, num_threads=8, device_id=device.index)
+            # exec_dynamic=False: run() returns finished outputs, so a window's end is the decoder's.
+            pipe = decode(batch_size=batch, num_threads=8, device_id=device.index, exec_dynamic=False)
             pipe.build()
             pipe.run()
 
