@@ -2,20 +2,20 @@
 # The first GPU run: check the DALI GPU path on a host with one GPU and no network, inside one
 # short device window. Run from the project root:
 #
-#   launch/gpu_check.sh [WHEEL_DIR] [--dry-run] [-- gpu_check.py run arguments]   # WHEEL_DIR: .whl
+#   launch/gpu_check.sh [WHEEL_DIR] [--dry-run | --preflight-only] [-- gpu_check.py arguments]   # WHEEL_DIR: .whl
 #
 # Steps, each failing in seconds with a one-line reason:
 #   1. join split wheels (NAME.whl.part-00, -01, ... from launch/gpu_wheels.sh);
-#   2. pre-flight (`gpu_check.py preflight`): import every module the check uses and print its
+#   2. pre-flight (launch/gpu_preflight.py): import every module the check uses and print its
 #      version (torch, torchvision, numpy, packaging, accelerate, timm, yaml, PIL, DALI and its
 #      nvImageCodec/nvJPEG/nvCOMP), check that they fit together (torchvision built for this
 #      torch, DALI's CUDA major = torch's, every declared requirement met), name the wheel to
 #      carry for anything missing; then install only what is missing, offline, and check again;
-#   3. `gpu_check.py run`: the checks and figures, ending with one table (every check, every
+#   3. launch/gpu_check.py: the checks and figures, ending with one table (every check, every
 #      figure beside its goal; README "GPU check" says how to read it).
 # --dry-run (CI, on the CPU): the same steps on the same wheels and file layout, with pip's
 # --dry-run against the host's Python 3.12 tags and every CRC of every wheel checked, then
-# `run --dry-run`, which runs every step that does not need CUDA on tiny sizes.
+# `gpu_check.py --dry-run`, which runs every step that does not need CUDA, at tiny sizes.
 #
 # The device window (15 minutes of device time, machine start-up included; 64 MiB carried per
 # call; the machine is handed back after 30 s idle, so the calls follow each other at once):
@@ -79,9 +79,9 @@ fi
 # 2. Pre-flight, offline install of what is missing, pre-flight again (in the same command).
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 if (( preflight_only )); then
-    exec "$PYTHON" launch/gpu_check.py preflight --wheels "$wheel_dir" "${dry[@]}"
+    exec "$PYTHON" launch/gpu_preflight.py --wheels "$wheel_dir" "${dry[@]}"
 fi
-"$PYTHON" launch/gpu_check.py preflight --wheels "$wheel_dir" --install "${dry[@]}"
+"$PYTHON" launch/gpu_preflight.py --wheels "$wheel_dir" --install "${dry[@]}"
 
 # 3. The checks, in a fresh interpreter that sees what was just installed.
-exec "$PYTHON" launch/gpu_check.py run "${dry[@]}" "$@"
+exec "$PYTHON" launch/gpu_check.py "${dry[@]}" "$@"

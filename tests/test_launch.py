@@ -54,7 +54,7 @@ exit 0
 
 def test_gpu_check_joins_split_wheels_then_runs_preflight_install_and_the_checks(tmp_path):
     # Wheels split into pieces are joined byte for byte (pieces removed), then gpu_check.py gets its
-    # pre-flight with --install on that folder and, in a fresh interpreter, `run` with the arguments after `--`.
+    # pre-flight with --install on that folder and, in a fresh interpreter, the checks with the arguments after `--`.
     wheels = tmp_path / "whl"
     wheels.mkdir()
     big = os.urandom(3 * 1024 * 1024 + 17)
@@ -71,7 +71,7 @@ def test_gpu_check_joins_split_wheels_then_runs_preflight_install_and_the_checks
     assert hashlib.sha256(big).hexdigest() in calls, "the joined wheel differs from the original"
     assert hashlib.sha256(b"small wheel").hexdigest() in calls
     ran = [line for line in calls.splitlines() if line.startswith("ran ")]
-    assert ran == [f"ran launch/gpu_check.py preflight --wheels {wheels} --install", "ran launch/gpu_check.py run --batch 64"]
+    assert ran == [f"ran launch/gpu_preflight.py --wheels {wheels} --install", "ran launch/gpu_check.py --batch 64"]
     assert not list(wheels.glob("*.tmp")) and not list(wheels.glob("*.part-*"))
 
 
@@ -98,7 +98,7 @@ def test_gpu_check_preflight_names_what_to_carry(tmp_path):
     shadow = tmp_path / "shadow"
     (shadow / "timm").mkdir(parents=True)
     (shadow / "timm" / "__init__.py").write_text("raise ImportError('timm hidden for the test')\n")
-    proc = subprocess.run([sys.executable, "launch/gpu_check.py", "preflight", "--dry-run"], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "launch/gpu_preflight.py", "--dry-run"], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(shadow)})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("timm "))
@@ -113,7 +113,7 @@ def test_gpu_check_dry_run_rehearses_everything_but_cuda(tmp_path):
     # The whole GPU run on the CPU, on the real wheel list and the carried layout: gpu_wheels.sh
     # downloads the Python 3.12 wheels (pip's own cache makes repeats cheap) and splits the big
     # ones; gpu_check.sh joins them, CRC-checks every wheel and has pip resolve them, offline,
-    # against the GPU host's Python 3.12 tags; then `run --dry-run` runs every stage at tiny sizes.
+    # against the GPU host's Python 3.12 tags; then gpu_check.py --dry-run runs every stage at tiny sizes.
     wheels = tmp_path / "whl"
     env = {**os.environ, "PYTHON": sys.executable, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
     got = subprocess.run(["bash", "launch/gpu_wheels.sh", str(wheels)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -142,6 +142,6 @@ def test_gpu_check_dry_run_rehearses_everything_but_cuda(tmp_path):
 
 
 def test_gpu_check_says_so_when_no_gpu_is_visible():
-    proc = subprocess.run([sys.executable, "launch/gpu_check.py", "run"], cwd=REPO, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "launch/gpu_check.py"], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 1 and "no CUDA device visible" in proc.stderr
