@@ -9,7 +9,7 @@
 # - DALI_WHEELS: DALI, its codecs (nvImageCodec, nvJPEG, nvCOMP; not the JPEG 2000 or TIFF
 #   ones) and its pure-Python imports; installed whenever `import nvidia.dali` fails.
 # - HOST_WHEELS: what the check imports from a torch host that may lack it (accelerate, timm,
-#   yaml, PIL, numpy, packaging and their own imports); gpu_check.py installs one of these only
+#   yaml, PIL, numpy, packaging and their own imports); gpu_preflight.py installs one of these only
 #   when its module is missing, so the host's own numpy or Pillow is never replaced.
 # Neither set holds torch or torchvision: they must be the host's (gpu_check.py checks the pair).
 #

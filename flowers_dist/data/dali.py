@@ -60,9 +60,10 @@ OUTPUTS = ["images", "labels"]
 #   then waits for that copy (CopyToExternalImplGPU: wait_order.wait(copy_order)) before it
 #   reuses the buffer. The batch is then torch's memory, freed by torch's caching allocator in
 #   torch's stream order: safe by construction, for any consumer.
-# Cost: one device-to-device copy per batch (a 256 x 3 x 224 x 224 float32 batch is 154 MB,
-# tens of microseconds at H200 bandwidth); on the CPU a memcpy, not measurable against decoding
-# (bench figures in the README). launch/gpu_check.py's delayed-read check tests the claim on a GPU.
+# Cost: one device-to-device copy per batch (a 256 x 3 x 224 x 224 float32 batch is 154 MB, a
+# few tens of microseconds at HBM bandwidth); on the CPU a memcpy on the consumer's thread while
+# DALI's threads decode the next batches. One executor everywhere keeps the CPU tests on the
+# GPU's code path. launch/gpu_check.py's delayed-read check tests the hazard on a GPU.
 OWN_THE_BATCH = dict(exec_dynamic=False)
 
 
