@@ -158,6 +158,8 @@ class TrainConfig:
     """Seconds a collective (all-reduce, broadcast) may wait for a peer before the run fails (handed to the process group)."""
     watchdog: float = 900.0
     """Seconds without a finished training step or eval batch before a rank gives up with exit code 69 (0 = off)."""
+    cudnn_benchmark: bool = True
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the fastest (fixed-size batches)."""
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")

@@ -14,12 +14,14 @@ from .data import Placement, default_workers
 
 
 def make_accelerator(device: str, mixed_precision: str, log_with: str | None = None, compile_model: bool = False,
-                     collective_timeout: float | None = None) -> Accelerator:
+                     collective_timeout: float | None = None, cudnn_benchmark: bool = True) -> Accelerator:
     """The Accelerator for this process: CPU or GPU, precision, trackers, and torch.compile when asked.
 
     compile_model=False leaves the choice to Accelerate's own setting (`accelerate launch
     --dynamo_backend`, ACCELERATE_DYNAMO_BACKEND), off by default. collective_timeout (seconds)
-    bounds every collective's wait for a peer (torch's default is 30 minutes on gloo).
+    bounds every collective's wait for a peer (torch's default is 30 minutes on gloo). cudnn_benchmark applies on
+    CUDA only: training batches have one fixed shape (the last partial batch is dropped), so
+    the algorithm search runs once per shape (train and eval) and its winner is reused.
     """
     use_cpu = device == "cpu" or not torch.cuda.is_available()
     if use_cpu and mixed_precision == "fp16":
@@ -30,6 +32,8 @@ def make_accelerator(device: str, mixed_precision: str, log_with: str | None = N
     handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))] if collective_timeout else []
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, log_with=log_with,
                               dynamo_backend="inductor" if compile_model else None, kwargs_handlers=handlers)
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"launched {launched} processes but Accelerate formed a world of {accelerator.num_processes}; on the CPU launch with `accelerate launch --multi_gpu --num_processes N` (not --cpu)")

@@ -65,9 +65,26 @@ def batch_per_process(cfg: TrainConfig, world: int) -> int:
     return cfg.global_batch_size // world
 
 
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD as the config sets it; the learning rate is overwritten each epoch from schedule.lr_at."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD as the config sets it; the learning rate is overwritten each epoch from schedule.lr_at.
+
+    fused=True (pass it on CUDA) updates all parameters in one kernel, and is what keeps fp16
+    free of a host sync: GradScaler.step() reads `found_inf` with .item() before a plain
+    optimizer's step, but hands it, on the device, to an optimizer that sets
+    _step_supports_amp_scaling (fused SGD does), whose kernel skips the update itself.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                nesterov=cfg.nesterov, fused=fused or None)
+
+    def keep_fused(opt: torch.optim.Optimizer) -> None:
+        # load_state_dict restores each group's saved `fused`: a checkpoint from a CPU (unfused)
+        # run resumed under fp16 on CUDA would hand the scaler's tensors to the unfused step,
+        # which refuses them. The choice belongs to this process's device, not to the checkpoint.
+        for group in opt.param_groups:
+            group["fused"] = fused or None
+
+    optimizer.register_load_state_dict_post_hook(keep_fused)
+    return optimizer
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
@@ -163,7 +180,7 @@ def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSigna
     wandb_mode = resolve_mode(cfg.tracking)
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision,
                                    log_with=None if wandb_mode == "disabled" else "wandb", compile_model=cfg.model.compile,
-                                   collective_timeout=cfg.train.collective_timeout)
+                                   collective_timeout=cfg.train.collective_timeout, cudnn_benchmark=cfg.train.cudnn_benchmark)
     world = accelerator.num_processes
     batch_per_rank = batch_per_process(cfg.train, world)
 
@@ -179,7 +196,7 @@ def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSigna
         set_seed(cfg.train.seed)  # same new-head initialisation on every rank
         with accelerator.main_process_first():  # one download into the cache, the other ranks read it
             model = build_model(cfg.model, len(classes))
-        optimizer = build_optimizer(cfg.optim, model)
+        optimizer = build_optimizer(cfg.optim, model, fused=accelerator.device.type == "cuda")
         progress = Progress()
         if claim.resume_from is not None:
             state = checkpoint.load(claim.resume_from)

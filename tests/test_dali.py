@@ -98,6 +98,73 @@ def test_max_steps_and_an_early_break_leave_the_next_epoch_clean():
     assert sum(counts.values()) == len(full[0]) * 9 and max(counts.values()) == 1
 
 
+def _many_files(tmp_path, copies: int):
+    """The 40 sample train JPEGs copied `copies` times into a new class folder tree (a set with many files)."""
+    src = scan_split(SAMPLE / "train")
+    for k in range(copies):
+        for f in src.files:
+            dst = tmp_path / f.parent.name / f"{k:03d}-{f.name}"
+            dst.parent.mkdir(exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+    return scan_split(tmp_path)
+
+
+def test_a_cut_epoch_reads_only_the_files_it_yields(tmp_path):
+    # 400 files, max_steps=1 of batch 4 on each of 2 ranks: every file outside epoch 0's first global
+    # batch and epoch 1's first global batch is truncated. Draining DALI's epoch (the old way)
+    # decodes them and stops with a DataError; a cut epoch never opens them.
+    split = _indexed(_many_files(tmp_path, copies=10))
+    from flowers_dist.data.contract import train_shard
+
+    used = {i for epoch in (0, 1) for rank in (0, 1) for b in train_shard(len(split), 4, rank, 2, 0, epoch)[:1] for i in b}
+    assert len(used) <= 16
+    for i, f in enumerate(split.files):
+        if i not in used:
+            f.write_bytes(f.read_bytes()[:300])
+    cfg = DataConfig(image_size=16)
+    loaders = [build_dali_loader(cfg, split, True, 4, _cpu(r, 2), seed=0, max_steps=1) for r in range(2)]
+    for epoch in (0, 1):
+        per_rank = _epoch(loaders, epoch)
+        expected = [[b for b in train_shard(len(split), 4, r, 2, 0, epoch)[:1]] for r in range(2)]
+        assert per_rank == expected, f"epoch {epoch}: not the first batch of train_shard's order"
+    assert all(loader.resume_state() is None for loader in loaders)  # a function of the epoch, nothing to save
+    # The same files without the cut: DALI's epoch runs to its end and meets the truncated files.
+    with pytest.raises(DataError):
+        full = build_dali_loader(cfg, split, True, 4, _cpu(0, 2), seed=0, max_steps=0)
+        for epoch in (0, 1):
+            _epoch([full], epoch)
+
+
+def test_cut_epochs_change_their_augmentation_and_repeat_it_exactly():
+    split = scan_split(SAMPLE / "train")
+    cfg = DataConfig(image_size=16, rotation=15, color_jitter=0.2)
+
+    def images(epoch):
+        loader = build_dali_loader(cfg, split, True, 4, _cpu(), seed=3, max_steps=2)
+        loader.set_epoch(epoch)
+        return torch.cat([x for x, _ in loader])
+
+    assert torch.equal(images(1), images(1))  # a rebuilt loader (a resumed run) sees the same pixels
+    assert not torch.equal(images(0), images(1))
+
+
+def test_batches_are_torch_memory_that_outlives_the_iterator():
+    # OWN_THE_BATCH: the iterator copies DALI's outputs into tensors torch owns, so a batch kept
+    # while DALI runs on (and after the pipeline is gone) still holds its pixels.
+    from flowers_dist.data.dali import OWN_THE_BATCH
+
+    assert OWN_THE_BATCH == {"exec_dynamic": False}
+    split = scan_split(SAMPLE / "val")
+    loader = build_dali_loader(DataConfig(image_size=32), split, False, 4, _cpu(), seed=0)
+    assert loader.iterator._pipes[0].exec_dynamic is False
+    first, _ = next(iter(loader))
+    kept, total = first.clone(), first.sum()
+    for _ in loader:  # DALI fills and recycles its buffers for the whole epoch
+        pass
+    del loader
+    assert torch.equal(first, kept) and first.sum() == total
+
+
 def test_dali_val_matches_the_pytorch_eval_transform():
     # The same geometry (integer sizes and centre-crop anchor as torchvision computes them) and
     # the same decoder output (libjpeg-turbo in both); only the resize kernels differ. Measured

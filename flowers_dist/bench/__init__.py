@@ -1,4 +1,4 @@
-"""`flowers-dist bench MODE`: measure the loader, the model step, the training loop and its scaling, and say where the time goes.
+"""`flowers-dist bench MODE`: measure the loader, the model step, the training loop, its scaling and start-up, and say where the time goes.
 
 Every mode excludes warm-up, synchronises the device before reading a clock, repeats, and
 reports the median with its range; it prints a table and writes every figure, with the machine,
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 
-MODES = ("loader", "step", "train", "scaling")
+MODES = ("loader", "step", "train", "scaling", "startup")
 if TYPE_CHECKING:
     import torch
 
@@ -22,10 +22,10 @@ NUM_CLASSES = 5  # the flowers head; the step mode needs no data set
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", choices=MODES, help="loader: DALI vs PyTorch vs decode only; step: model step vs matmul peak; "
-                        "train: the loop's time split; scaling: train on 1..N processes")
+                        "train: the loop's time split; scaling: train on 1..N processes; startup: time to the first step")
     parser.add_argument("--config", type=Path, required=True, help="YAML config (configs/*.yaml)")
     parser.add_argument("--out", type=Path, help="JSON result file (default runs/bench-<mode>-<time>/bench.json under train.output_dir)")
-    parser.add_argument("--repeats", type=int, default=3, help="loader/step: timed repeats (median and range reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="loader/step/startup: timed repeats (median and range reported)")
     parser.add_argument("--epochs", type=int, default=1, help="loader: timed epochs per repeat, after one warm-up epoch")
     parser.add_argument("--warmup", type=int, default=2, help="step/train/scaling: untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="step: steps per repeat; train/scaling: timed steps")
@@ -67,6 +67,11 @@ def _report(mode: str, results: dict[str, Any]) -> str:
                 f"{results['images_per_s']:.1f} img/s, step {1000 * results['step_time']:.0f} ms = data wait {100 * f['data wait']:.0f}% "
                 f"+ compute {100 * f['compute']:.0f}% + communication {100 * f['communication']:.0f}%\n"
                 f"bottleneck: {results['bottleneck']}; most likely to move it: {results['advice']}")
+    if mode == "startup":
+        largest = ", ".join(f"{r['package']} {r['cumulative_s']:.1f} s" for r in results["largest_imports"])
+        first, imports = results["time_to_first_step_s"], results["import_s"]
+        return (f"time to first step {first['median']:.1f} s (range {first['min']:.1f}-{first['max']:.1f}), of which imports "
+                f"{imports['median']:.1f} s (range {imports['min']:.1f}-{imports['max']:.1f}); largest imports: {largest}")
     rows = [{**r, "eff": 100 * r["efficiency"]} for r in results["rows"]]
     return table(rows, [("processes", "processes", "d"), ("images_per_s", "img/s", ".1f"), ("eff", "efficiency %", ".0f"),
                         ("bottleneck", "bottleneck", "s")])
@@ -99,6 +104,11 @@ def run(args: argparse.Namespace) -> Path | None:
             accelerator.end_training()
             return None
         device, world, nodes = accelerator.device, results["world_size"], results["num_nodes"]
+    elif args.mode == "startup":
+        from .startup import bench_startup
+
+        path = out_path(args.out, cfg, args.mode)
+        results = bench_startup(args.config, args.overrides, path.parent, args.repeats)
     else:
         from .scaling import bench_scaling
 

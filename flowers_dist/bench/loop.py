@@ -88,14 +88,15 @@ def advice(cfg: Config, device: torch.device, bottleneck: str) -> str:
 
 def bench_train(cfg: Config, warmup: int, steps: int) -> tuple[dict[str, Any] | None, Any]:
     """The step-time split of this world; returns (results on the main process else None, accelerator)."""
-    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, compile_model=cfg.model.compile)
+    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, compile_model=cfg.model.compile,
+                                   cudnn_benchmark=cfg.train.cudnn_benchmark)
     world, device = accelerator.num_processes, accelerator.device
     batch = batch_per_process(cfg.train, world)
     split, _ = scan_dataset(cfg.data.root)
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():
         model = build_model(cfg.model, len(split.classes))
-    optimizer = build_optimizer(cfg.optim, model)
+    optimizer = build_optimizer(cfg.optim, model, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(model, optimizer)
     place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
     loader = build_loader(cfg.data, split, train=True, batch_per_rank=batch,

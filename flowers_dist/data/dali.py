@@ -20,12 +20,18 @@ Differences from the PyTorch loader, by design:
 - A file DALI cannot decode would stop the run; the data check before training and evaluation
   (data/usable.py) leaves such files out, so only data.check=false, or a file changed after the
   check, meets the one-line DataError that names the suspects.
+- train.max_steps_per_epoch (smoke runs) builds, each epoch, a pipeline over just the files of
+  that epoch's first max_steps batches, in `train_shard`'s order (as the PyTorch loader takes
+  them), instead of decoding the rest of DALI's epoch: see `_CutEpochs`. Such epochs are
+  functions of the epoch: a mid-epoch resume rebuilds the epoch and skips what was trained.
+
+Every batch is torch's own memory (`exec_dynamic=False`, see `OWN_THE_BATCH`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -34,13 +40,33 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from ..config import DataConfig
-from .contract import Placement
+from .contract import Placement, train_shard
 from .folder import DataError, Split
 
 log = logging.getLogger(__name__)
 
 READER = "Reader"
 OUTPUTS = ["images", "labels"]
+
+# Why every pipeline runs on DALI's classic executor (read in DALI 2.4's sources):
+# - With exec_dynamic (DALI's default since 1.44) DALIGenericIterator hands out zero-copy views
+#   (torch.from_dlpack). Reading is ordered: __dlpack__ makes torch's stream wait on the batch's
+#   ready event. Freeing is not: the capsule holds DALI's buffer, allocated with
+#   alloc_raw_async_shared(..., stream, stream), i.e. freed in DALI's stream order. When the
+#   loop drops a batch (the next `for` iteration) the GPU may still be reading it (backward
+#   reads the input images); DALI's pool can hand the block to its next output at once
+#   (DALI's own AsyncDevShared test expects the same pointer back) and overwrite it while
+#   torch's kernels read it: silent corruption, never an error.
+# - With exec_dynamic=False the iterator copies every output into a fresh torch tensor on
+#   torch's current stream (feed_ndarray -> copy_to_external, non_blocking), and DALI's stream
+#   then waits for that copy (CopyToExternalImplGPU: wait_order.wait(copy_order)) before it
+#   reuses the buffer. The batch is then torch's memory, freed by torch's caching allocator in
+#   torch's stream order: safe by construction, for any consumer.
+# Cost: one device-to-device copy per batch (a 256 x 3 x 224 x 224 float32 batch is 154 MB, a
+# few tens of microseconds at HBM bandwidth); on the CPU a memcpy on the consumer's thread while
+# DALI's threads decode the next batches. One executor everywhere keeps the CPU tests on the
+# GPU's code path. launch/gpu_check.py's delayed-read check tests the hazard on a GPU.
+OWN_THE_BATCH = dict(exec_dynamic=False)
 
 
 def _reader(files: list[str], labels: list[int], shard_id: int, num_shards: int, shuffle: bool, reader_seed: int):
@@ -117,8 +143,10 @@ def _finish_fused(images, draws, cfg: DataConfig, dtype: torch.dtype, channels_l
 @pipeline_def
 def train_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_id: int, num_shards: int,
                    reader_seed: int, on_gpu: bool, dtype: torch.dtype = torch.float32,
-                   channels_last: bool = False, debug: bool = False, fused: bool = False):
+                   channels_last: bool = False, debug: bool = False, fused: bool = False, shuffle: bool = True):
     """Random-resized crop, flip, optional rotation and colour jitter, normalise.
+
+    shuffle=False reads the files in the order given (the per-epoch lists of `_CutEpochs`).
 
     fused=True (CPU only) ends the graph with dali_fused's one-pass kernel instead of DALI's
     rotate, color_twist and crop_mirror_normalize: the same augmentation from the same draws.
@@ -127,7 +155,7 @@ def train_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_i
     """
     if fused and on_gpu:
         raise ValueError("the fused finish is a CPU kernel; the GPU graph uses DALI's operators")
-    jpegs, label = _reader(files, labels, shard_id, num_shards, True, reader_seed)
+    jpegs, label = _reader(files, labels, shard_id, num_shards, shuffle, reader_seed)
     # ROI decoding: only the random crop window of each JPEG is decoded.
     # nvJPEG's default buffer padding (16 MB device, 8 MB host per thread) already holds these
     # photos; NVIDIA's ImageNet example pads 211/141 MB per thread, gigabytes at 16 threads.
@@ -187,27 +215,58 @@ def val_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_id:
     return images, label
 
 
+class _CutEpochs:
+    """Training pipelines for train.max_steps_per_epoch: each epoch's reader holds just that epoch's first `steps` batches.
+
+    Draining DALI's epoch after a cut decodes every remaining file (a 5-step smoke run on the
+    full set paid full epochs). Instead each epoch gets its own pipeline over this rank's files
+    of the first `steps` batches of `train_shard`'s permutation (the order the PyTorch loader
+    takes), read in that order, so DALI's epoch ends with the cut and nothing is drained. The
+    order and the augmentation seed are functions of (seed, rank, epoch): a run resumes at an
+    epoch boundary with no saved state. Costs one pipeline build per epoch.
+    """
+
+    def __init__(self, make_pipeline: Callable[[list[int], int], object], num_files: int, batch: int, rank: int,
+                 world: int, seed: int, steps: int):
+        self.make_pipeline, self.num_files, self.batch = make_pipeline, num_files, batch
+        self.rank, self.world, self.seed, self.steps = rank, world, seed, steps
+
+    def files(self, epoch: int) -> list[int]:
+        """Indices of this rank's files of the epoch, in reading order."""
+        batches = train_shard(self.num_files, self.batch, self.rank, self.world, self.seed, epoch)[:self.steps]
+        return [i for b in batches for i in b]
+
+    def pipeline(self, epoch: int):
+        return self.make_pipeline(self.files(epoch), epoch)
+
+
 class DaliLoader:
     """A DALIGenericIterator behind the loader contract (not for accelerator.prepare).
 
     Training yields `steps` full batches per epoch and then reads DALI's epoch to its end
-    (the tail and padding, at most a batch or two, plus whatever max_steps cut off): DALI
-    ignores reset() mid-epoch, and finishing the epoch keeps every rank's reader at the
-    start of the next permutation. Evaluation yields every batch; a rank's last can be empty.
+    (the tail and padding, at most a batch or two): DALI ignores reset() mid-epoch, and
+    finishing the epoch keeps every rank's reader at the start of the next permutation. With
+    max_steps_per_epoch, `cut` builds a pipeline per epoch that holds only the files it yields,
+    so there is nothing to drain. Evaluation yields every batch; a rank's last can be empty.
     """
 
     def __init__(self, pipeline, *, train: bool, steps: int, num_samples: int, placement: Placement, split: Split,
-                 restored: bool = False):
+                 restored: bool = False, cut: _CutEpochs | None = None):
         self.train, self.num_samples, self.placement, self.split = train, num_samples, placement, split
         self.epoch, self.skip = 0, 0
         self._mid_epoch = False
         self._restored = restored  # built from a saved state: the reader already stands where `skip` says
+        self._cut = cut
+        self._iterator_epoch = None if pipeline is None else 0  # the epoch self.iterator was built for, unread
+        self.iterator = None if pipeline is None else self._make_iterator(pipeline)
+        self.steps = steps if train else len(self.iterator)
+
+    def _make_iterator(self, pipeline) -> DALIGenericIterator:
         try:  # the iterator already runs the pipeline for its first batch
-            self.iterator = DALIGenericIterator(pipeline, OUTPUTS, reader_name=READER,
-                                                last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+            return DALIGenericIterator(pipeline, OUTPUTS, reader_name=READER,
+                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
         except RuntimeError as exc:
             raise self._decode_error(exc) from None
-        self.steps = steps if train else len(self.iterator)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Record the epoch; the order is the reader's next permutation (see the module docstring).
@@ -222,14 +281,20 @@ class DaliLoader:
         """DALI's checkpoint of reader position and random generators after the last batch handed out (training only).
 
         DALI's iterator accounts for the batches it has prefetched but not yet returned, so a
-        pipeline rebuilt from this state yields the next batch the consumer has not seen.
+        pipeline rebuilt from this state yields the next batch the consumer has not seen. None
+        for cut epochs, which are functions of the epoch.
         """
-        return self.iterator.checkpoints()[0] if self.train else None
+        if not self.train or self._cut is not None:
+            return None
+        return self.iterator.checkpoints()[0]
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._cut is not None:
+            yield from self._cut_epoch()
+            return
         self._drain()  # a consumer that stopped early left DALI mid-epoch
         self._mid_epoch = True
         skip, self.skip = self.skip, 0
@@ -243,6 +308,20 @@ class DaliLoader:
                 raise RuntimeError(f"DALI's epoch ended after fewer than {self.steps} batches")
             yield self._convert(batch)
         self._drain()
+
+    def _cut_epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._iterator_epoch != self.epoch:
+            self.iterator = None  # the last epoch's pipeline goes before the next one takes threads and memory
+            self.iterator = self._make_iterator(_built(self._cut.pipeline(self.epoch), self.split))
+        self._iterator_epoch = None  # read from now on: the next __iter__ builds afresh
+        skip, self.skip = self.skip, 0
+        for step in range(self.steps):
+            batch = self._next()
+            if step < skip:  # a mid-epoch resume: the epoch is a function of the epoch, the first `skip` batches were trained
+                continue
+            if batch is None:
+                raise RuntimeError(f"DALI's epoch ended after fewer than {self.steps} batches")
+            yield self._convert(batch)
 
     def _next(self):
         """The next DALI batch, or None at the end of DALI's epoch (the iterator then resets itself)."""
@@ -260,6 +339,7 @@ class DaliLoader:
             self._mid_epoch = False
 
     def _convert(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # The tensors are torch's own (OWN_THE_BATCH): keeping or dropping them is safe.
         out = batch[0]
         images, labels = out["images"], out["labels"].view(-1).long()
         p = self.placement
@@ -320,13 +400,23 @@ def use_fused_finish(cfg: DataConfig, on_gpu: bool) -> tuple[bool, str]:
     return True, f"rotation, colour jitter, flip and normalisation fused in one kernel ({why})"
 
 
+def _built(pipe, split: Split):
+    """The pipeline, built; a build failure is a one-line DataError."""
+    try:
+        pipe.build()
+    except RuntimeError as exc:
+        raise DataError(f"could not build the DALI pipeline for {split.root}: {str(exc).splitlines()[0]}") from None
+    return pipe
+
+
 def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement,
                       seed: int, max_steps: int = 0, resume_state: str | None = None,
                       fused: bool | None = None) -> DaliLoader:
     """The DALI loader for one split; placement.workers is DALI's thread count (0 counts as 1).
 
     fused: end the CPU training graph with the one-pass kernel (None: wherever it applies and
-    numba imports; False: DALI's operators, as the benchmark compares).
+    numba imports; False: DALI's operators, as the benchmark compares). A max_steps below the
+    epoch's full batches reads only the files it yields (`_CutEpochs`); resume_state is then unused.
     """
     p = placement
     on_gpu = p.device.type == "cuda"
@@ -334,33 +424,37 @@ def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank
     device_id = (p.device.index if p.device.index is not None else torch.cuda.current_device()) if on_gpu else None
     common = dict(files=[str(f) for f in split.files], labels=list(split.labels), cfg=cfg, shard_id=p.rank,
                   num_shards=p.world_size, on_gpu=on_gpu, dtype=p.dtype, channels_last=p.channels_last,
-                  batch_size=batch_per_rank, num_threads=max(1, p.workers), device_id=device_id)
+                  batch_size=batch_per_rank, num_threads=max(1, p.workers), device_id=device_id, **OWN_THE_BATCH)
     n = len(split)
-    if train:
-        steps = n // (batch_per_rank * p.world_size)
-        if max_steps:
-            steps = min(steps, max_steps)
-        if steps == 0:
-            raise DataError(f"{split.root}: {n} images do not fill one global batch of {batch_per_rank * p.world_size}")
-        # The augmentation seed differs per rank; the reader's seed is the same on all.
-        # Checkpointing lets a resumed run continue the reader's permutations and the random
-        # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
-        auto_fused, why = use_fused_finish(cfg, on_gpu)
-        fused = auto_fused if fused is None else fused
-        if p.rank == 0:
-            log.info("DALI training graph on the %s: %s", "GPU" if on_gpu else "CPU",
-                     why if fused == auto_fused else f"fused={fused} as asked")
-        pipe = train_pipeline(**common, reader_seed=seed, seed=(seed * 1_000_003 + p.rank) % 2**31, fused=fused,
-                              enable_checkpointing=True, checkpoint=resume_state)
-        num_samples = steps * batch_per_rank
-    else:
+    if not train:
         pipe = val_pipeline(**common, seed=seed % 2**31)
         # Reader shards are [floor(r n / w), floor((r + 1) n / w)).
         num_samples = (p.rank + 1) * n // p.world_size - p.rank * n // p.world_size
-        steps = 0  # the iterator's length: the padded shard's batches, the same on every rank
-    try:
-        pipe.build()
-    except RuntimeError as exc:
-        raise DataError(f"could not build the DALI pipeline for {split.root}: {str(exc).splitlines()[0]}") from None
-    return DaliLoader(pipe, train=train, steps=steps, num_samples=num_samples, placement=p, split=split,
+        # steps=0: the iterator's length, the padded shard's batches, the same on every rank
+        return DaliLoader(_built(pipe, split), train=False, steps=0, num_samples=num_samples, placement=p, split=split)
+    full_steps = n // (batch_per_rank * p.world_size)
+    steps = min(full_steps, max_steps) if max_steps else full_steps
+    if steps == 0:
+        raise DataError(f"{split.root}: {n} images do not fill one global batch of {batch_per_rank * p.world_size}")
+    # The augmentation seed differs per rank; the reader's seed is the same on all.
+    # Checkpointing lets a resumed run continue the reader's permutations and the random
+    # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
+    auto_fused, why = use_fused_finish(cfg, on_gpu)
+    fused = auto_fused if fused is None else fused
+    if p.rank == 0:
+        log.info("DALI training graph on the %s: %s", "GPU" if on_gpu else "CPU",
+                 why if fused == auto_fused else f"fused={fused} as asked")
+    pipe_seed = (seed * 1_000_003 + p.rank) % 2**31
+    if steps < full_steps:
+        def epoch_pipeline(indices: list[int], epoch: int):
+            files = dict(files=[common["files"][i] for i in indices], labels=[common["labels"][i] for i in indices],
+                         shard_id=0, num_shards=1)
+            return train_pipeline(**{**common, **files}, reader_seed=seed, seed=(pipe_seed * 1_000_003 + epoch) % 2**31,
+                                  fused=fused, shuffle=False, enable_checkpointing=True)
+
+        cut = _CutEpochs(epoch_pipeline, n, batch_per_rank, p.rank, p.world_size, seed, steps)
+        return DaliLoader(None, train=True, steps=steps, num_samples=steps * batch_per_rank, placement=p, split=split, cut=cut)
+    pipe = train_pipeline(**common, reader_seed=seed, seed=pipe_seed, fused=fused,
+                          enable_checkpointing=True, checkpoint=resume_state)
+    return DaliLoader(_built(pipe, split), train=True, steps=steps, num_samples=steps * batch_per_rank, placement=p, split=split,
                       restored=resume_state is not None)
