@@ -23,7 +23,10 @@ QUICKSTART_DATA = REPO / "data" / "flowers_quickstart"
 def test_readme_quickstart_learns(tmp_path):
     readme = (REPO / "README.md").read_text()
     assert "flowers-dist train --config configs/quickstart.yaml" in readme
-    proc = cli(["train", "--config", "configs/quickstart.yaml", f"train.output_dir={tmp_path}", "train.name=qs"], timeout=1800)
+    # One thread: about 50 CPU-seconds in all; two threads on cores other jobs keep busy spin in
+    # OpenMP barriers and took 8 minutes an epoch here (the user's command keeps torch's default).
+    proc = cli(["train", "--config", "configs/quickstart.yaml", f"train.output_dir={tmp_path}", "train.name=qs"],
+               env={"OMP_NUM_THREADS": "1"}, timeout=1800)
     assert "best val accuracy" in proc.stdout
     run = tmp_path / "qs"
     records = metrics(run)
