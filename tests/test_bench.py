@@ -145,7 +145,8 @@ def test_train_split_finds_planted_data_wait_compute_and_communication(tmp_path,
     launch = [sys.executable] if world == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PLANT_LOAD_S": str(load),
+    # PYTHONPATH: the driver lives in tmp_path, and must import this checkout's flowers_dist.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PLANT_LOAD_S": str(load),
            "PLANT_COMPUTE_S": str(compute), "PLANT_COMM_S": str(comm), "PLANT_OUT": str(tmp_path / "extra")}
     proc = subprocess.run([*launch, str(driver), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
