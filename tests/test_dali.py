@@ -266,7 +266,8 @@ def test_build_loader_picks_dali_or_explains(monkeypatch):
 
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_quickstart_trains_with_dali(tmp_path, nprocs):
-    cli(["train", "--config", "configs/quickstart.yaml", "data.root=data/flowers_sample", "data.loader=dali", "data.image_size=64", "train.epochs=1",
+    cli(["train", "--config", "configs/quickstart.yaml", "data.root=data/flowers_sample", "train.global_batch_size=8",
+         "data.loader=dali", "data.image_size=64", "train.epochs=1",
          f"train.output_dir={tmp_path}", "train.name=x", "train.progress=lines"], nprocs=nprocs)
     epochs = [r for r in metrics(tmp_path / "x") if r["event"] == "epoch"]
     assert len(epochs) == 1 and epochs[0]["val_count"] == 23 and epochs[0]["train_images"] == 40
