@@ -84,6 +84,9 @@ class ModelConfig:
     compile: bool = False
     """torch.compile (inductor) through Accelerate for training and evaluation: a minute of compiling
     on the CPU, then faster steps; pays off on GPUs over whole runs (measure with `bench step --compile`)."""
+    zero_init_last: bool = True
+    """From scratch: start each residual block's last BatchNorm weight at zero (timm's default for ResNets);
+    false keeps PyTorch's default of one, which learns faster from scratch (see README); ImageNet weights overwrite it."""
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "model.name", "must not be empty")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import WeightsError
+from .errors import ConfigError, WeightsError
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -21,14 +21,22 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         model = _from_hub(cfg.name, num_classes)
     else:
         try:
-            model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes)
+            model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **_init_kwargs(cfg))
         except RuntimeError as exc:  # timm's "Unknown model" error
             raise WeightsError(f"model.name '{cfg.name}': {exc}") from None
+        except TypeError as exc:  # a model class without the init option
+            raise ConfigError(f"config key 'model.zero_init_last': model '{cfg.name}' does not take it ({exc})") from None
         if source.lower() != "none":
             load_backbone(model, source)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _init_kwargs(cfg: ModelConfig) -> dict[str, bool]:
+    """timm's ResNet-family constructors take `zero_init_last` (default True); other models do not,
+    so it is passed only when the config departs from timm's default."""
+    return {} if cfg.zero_init_last else {"zero_init_last": False}
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -54,9 +54,10 @@ def payloads(path: str | Path) -> Iterator[bytes]:
 
 
 def read_run(path: str | Path) -> dict[str, Any]:
-    """Config, history rows and summary as plain Python values (JSON-decoded)."""
+    """The W&B run id, config, history rows and summary as plain Python values (JSON-decoded)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    run_id = ""
     config: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
@@ -68,6 +69,8 @@ def read_run(path: str | Path) -> dict[str, Any]:
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run_id = record.run.run_id
         if kind == "config" or (kind == "run" and record.run.HasField("config")):
             items = record.config.update if kind == "config" else record.run.config.update
             for item in items:
@@ -77,4 +80,4 @@ def read_run(path: str | Path) -> dict[str, Any]:
         elif kind == "summary":
             for item in record.summary.update:
                 summary[key(item)] = json.loads(item.value_json)
-    return {"config": config, "history": history, "summary": summary}
+    return {"run_id": run_id, "config": config, "history": history, "summary": summary}

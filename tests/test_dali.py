@@ -15,7 +15,7 @@ pytest.importorskip("nvidia.dali")
 from flowers_dist.config import DataConfig  # noqa: E402
 from flowers_dist.data import DataError, Placement, build_loader, scan_split  # noqa: E402
 from flowers_dist.data.contract import DeviceNormalizer  # noqa: E402
-from flowers_dist.data.dali import DaliLoader, build_dali_loader, train_pipeline  # noqa: E402
+from flowers_dist.data.dali import DaliLoader, build_dali_loader, train_pipeline, val_pipeline  # noqa: E402
 from flowers_dist.data.torch_loader import TorchLoader, eval_transform, load_rgb  # noqa: E402
 
 from conftest import REPO, SAMPLE, SHARED_FLOWERS, cli, metrics  # noqa: E402
@@ -296,11 +296,29 @@ def test_an_unreadable_jpeg_stops_with_a_one_line_error(tmp_path):
             pass
 
 
-def test_hw_decoder_load_reaches_the_gpu_decoders_only_when_set():
-    from flowers_dist.data.dali import _mixed_decoder
+def _decoder_arguments(pipeline_fn, cfg: DataConfig, **kw) -> dict[str, str]:
+    """The arguments DALI holds for the pipeline's image decoder, read back from its operator spec.
 
-    assert _mixed_decoder(DataConfig()) == {"device": "mixed"}  # DALI's own default
-    assert _mixed_decoder(DataConfig(hw_decoder_load=0.9)) == {"device": "mixed", "hw_decoder_load": 0.9}
+    The GPU graph cannot be built without a GPU, but its Python graph can: `_build_graph` creates
+    the operators with the arguments the backend would receive (DALI 2.4 has no public getter, so
+    the spec's text is parsed).
+    """
+    split = scan_split(SAMPLE / "val")
+    pipe = pipeline_fn([str(f) for f in split.files], list(split.labels), cfg, 0, 1, on_gpu=True, **kw,
+                       batch_size=4, num_threads=1, device_id=None)
+    pipe._build_graph()
+    [spec] = [str(op.spec) for op in pipe._ops if "_module: nvidia.dali.fn.decoders" in str(op.spec)]
+    args = spec.split("Arguments:")[1].splitlines()
+    return dict(line.strip().split(": ", 1) for line in args if ": " in line)
+
+
+@pytest.mark.parametrize("pipeline_fn, kw", [(train_pipeline, {"reader_seed": 0}), (val_pipeline, {})], ids=["train", "val"])
+def test_hw_decoder_load_reaches_the_gpu_decoders_only_when_set(pipeline_fn, kw):
+    default = _decoder_arguments(pipeline_fn, DataConfig(image_size=16), **kw)
+    assert default["device"] == "mixed" and "hw_decoder_load" not in default  # DALI's own default applies
+    for load in (0.0, 0.9):
+        args = _decoder_arguments(pipeline_fn, DataConfig(image_size=16, hw_decoder_load=load), **kw)
+        assert args["device"] == "mixed" and float(args["hw_decoder_load"]) == pytest.approx(load)
 
 
 def test_build_loader_picks_dali_or_explains(monkeypatch):
@@ -315,7 +333,8 @@ def test_build_loader_picks_dali_or_explains(monkeypatch):
 
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_quickstart_trains_with_dali(tmp_path, nprocs):
-    cli(["train", "--config", "configs/quickstart.yaml", "data.loader=dali", "data.image_size=64", "train.epochs=1",
+    cli(["train", "--config", "configs/quickstart.yaml", "data.root=data/flowers_sample", "train.global_batch_size=8",
+         "data.loader=dali", "data.image_size=64", "train.epochs=1",
          f"train.output_dir={tmp_path}", "train.name=x", "train.progress=lines"], nprocs=nprocs)
     epochs = [r for r in metrics(tmp_path / "x") if r["event"] == "epoch"]
     assert len(epochs) == 1 and epochs[0]["val_count"] == 23 and epochs[0]["train_images"] == 40

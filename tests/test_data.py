@@ -83,3 +83,11 @@ def test_shards_train_equal_steps_and_eval_exactly_once(world):
     assert len(flat) == len(set(flat)) and all(len(b) == batch for s in train for b in s)
     evals = [i for r in range(world) for b in eval_shard(n, 4, r, world) for i in b]
     assert sorted(evals) == list(range(n))
+
+
+@pytest.mark.parametrize("n,batch,world", [(24, 2, 3), (24, 4, 2), (8, 8, 1)])
+def test_train_shard_keeps_the_last_full_global_batch(n, batch, world):
+    # n a multiple of the global batch: every file is trained on, none dropped.
+    train = [train_shard(n, batch, r, world, seed=1, epoch=0) for r in range(world)]
+    assert all(len(shard) == n // (batch * world) for shard in train)
+    assert sorted(i for shard in train for b in shard for i in b) == list(range(n))

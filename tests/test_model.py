@@ -11,7 +11,7 @@ import timm
 import torch
 import torchvision
 
-from flowers_dist.config import ModelConfig
+from flowers_dist.config import ConfigError, ModelConfig
 from flowers_dist.model import WeightsError, build_model
 
 from conftest import local_server
@@ -66,6 +66,19 @@ def test_channels_last_and_unknown_model():
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(WeightsError, match="resnet999"):
         build_model(ModelConfig(name="resnet999", pretrained="none"), 5)
+
+
+def test_zero_init_last_sets_the_last_batchnorm_of_every_residual_block():
+    def last_bn_weights(model):
+        return [block.bn2.weight for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
+
+    timm_default = build_model(ModelConfig(name="resnet18", pretrained="none"), 5)
+    assert all(torch.count_nonzero(w) == 0 for w in last_bn_weights(timm_default))
+    plain = build_model(ModelConfig(name="resnet18", pretrained="none", zero_init_last=False), 5)
+    assert all(torch.equal(w, torch.ones_like(w)) for w in last_bn_weights(plain))
+    assert all(torch.equal(b.bn1.weight, torch.ones_like(b.bn1.weight)) for b in plain.layer1)
+    with pytest.raises(ConfigError, match="model.zero_init_last"):
+        build_model(ModelConfig(name="test_vit", pretrained="none", zero_init_last=False), 5)
 
 
 class _HubFiles(http.server.BaseHTTPRequestHandler):

@@ -127,10 +127,18 @@ def test_auto_mode_follows_credentials(monkeypatch, tmp_path):
 
 def test_resume_continues_the_same_wandb_run(tmp_path):
     run = tmp_path / "r"
-    args = ["train", "--config", "configs/quickstart.yaml", *TINY, "train.max_steps_per_epoch=2", "tracking.wandb=offline",
-            "data.loader=torch", f"train.output_dir={tmp_path}", "train.name=r"]
+    args = ["train", "--config", "configs/quickstart.yaml", *TINY, "train.max_steps_per_epoch=2", "train.log_every=1",
+            "tracking.wandb=offline", "data.loader=torch", f"train.output_dir={tmp_path}", "train.name=r"]
     cli([*args, "train.epochs=1"])
     cli(["train", "--resume", str(run), "train.epochs=2"])
     run_id = (run / "wandb_run_id").read_text().strip()
-    offline = sorted(p.name for p in (run / "wandb").iterdir() if p.name.startswith("offline-run-"))
-    assert len(offline) == 2 and all(name.endswith(f"-{run_id}") for name in offline), (run_id, offline)
+    # What each attempt really wrote to W&B: its own offline folder (named by time), read back from the log.
+    files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2, files
+    first, second = (read_run(f) for f in files)
+    assert first["run_id"] == second["run_id"] == run_id
+    # One optimizer-step axis across both attempts: steps 1-2 (epoch 0), then 3-4 (epoch 1), no restart at 0.
+    steps = [sorted({row["_step"] for row in r["history"]}) for r in (first, second)]
+    assert steps == [[1, 2], [3, 4]], steps
+    assert [row["epoch"] for row in second["history"] if "val/accuracy" in row] == [1]
+    assert [row["epoch"] for row in first["history"] if "val/accuracy" in row] == [0]
