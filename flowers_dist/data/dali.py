@@ -11,11 +11,11 @@ yields `num_files // (batch_per_rank * world_size)` full batches per epoch, as `
 does, so no rank waits for another in the all-reduce.
 
 Differences from the PyTorch loader, by design:
-- The epoch order is the reader's own sequence of permutations; it does not depend on
-  `train.seed` (measured: DALI seeds shuffle_after_epoch with a constant plus the epoch), and
-  `set_epoch` only records the epoch. To resume exactly, the loop saves each rank's DALI
-  checkpoint (`resume_state()`, reader position and random generators) with the run and
-  rebuilds the pipeline from it; a resume on a different number of processes starts afresh.
+- The epoch order is the reader's own sequence of permutations, applied to the file list
+  permuted by `train.seed` (DALI seeds shuffle_after_epoch with a constant plus the epoch, so
+  its `seed` cannot change the order; measured); `set_epoch` only records the epoch. To
+  resume exactly, the loop saves each rank's DALI checkpoint (`resume_state()`, reader
+  position and random generators) with the run and rebuilds the pipeline from it; a resume on a different number of processes starts afresh.
 - Augmentation is drawn per rank (pipeline seed from seed and rank), not per file.
 - A file DALI cannot decode stops the run with a one-line DataError that names the file and
   data.loader=torch, which skips such files instead.
@@ -24,6 +24,7 @@ Differences from the PyTorch loader, by design:
 from __future__ import annotations
 
 import logging
+import random
 from typing import Iterator
 
 import torch
@@ -49,6 +50,13 @@ def _reader(files: list[str], labels: list[int], shard_id: int, num_shards: int,
     # the whole list identically on every rank, so shards never overlap; without shuffling,
     # each rank keeps its shard. (DROP without padding drifts across epochs: files repeat
     # within an epoch on many shard and batch sizes; seen.)
+    if shuffle:
+        # shuffle_after_epoch draws the same permutations of list positions whatever the reader's
+        # seed (measured on DALI 2.4: each epoch's order is a fixed permutation of the list given).
+        # Permuting the list itself by the seed, identically on every rank, makes the order follow it.
+        order = list(range(len(files)))
+        random.Random(reader_seed).shuffle(order)
+        files, labels = [files[i] for i in order], [labels[i] for i in order]
     return fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                            shuffle_after_epoch=shuffle, random_shuffle=False, seed=reader_seed,
                            pad_last_batch=True, stick_to_shard=not shuffle, name=READER)
