@@ -1,5 +1,6 @@
 """The data-set layout checks and the PyTorch loader, on real JPEGs."""
 
+import dataclasses
 import logging
 import shutil
 
@@ -83,3 +84,56 @@ def test_shards_train_equal_steps_and_eval_exactly_once(world):
     assert len(flat) == len(set(flat)) and all(len(b) == batch for s in train for b in s)
     evals = [i for r in range(world) for b in eval_shard(n, 4, r, world) for i in b]
     assert sorted(evals) == list(range(n))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_loader_length_is_counted_without_making_the_epoch(train):
+    split = scan_split(SAMPLE / "train")  # 40 files
+    for world, batch, max_steps in [(1, 8, 0), (2, 3, 0), (3, 4, 0), (3, 5, 2), (4, 7, 0)]:
+        for rank in range(world):
+            p = Placement(rank=rank, world_size=world, device=torch.device("cpu"))
+            loader = build_loader(DataConfig(loader="torch", image_size=16), split, train=train, batch_per_rank=batch,
+                                  placement=p, seed=1, max_steps=max_steps if train else 0)
+            made = []
+            make = loader.batches.make
+            loader.batches.make = lambda epoch: made.append(epoch) or make(epoch)
+            for epoch in range(3):
+                loader.set_epoch(epoch)
+                assert len(loader) == len(make(epoch)), (world, batch, rank, epoch)
+            assert made == [], "len() made (shuffled) the epoch's batches"
+            assert loader.kind == "torch"
+
+
+def _indexed(split):
+    return dataclasses.replace(split, labels=tuple(range(len(split))))
+
+
+def test_global_batch_of_each_step_is_the_same_at_any_world_size():
+    # The first half of world-size invariance: step k's global batch holds the same files, augmented
+    # identically, whether one process loads it or 2 or 4 each load a slice (labels = file indices here).
+    split = _indexed(scan_split(SAMPLE / "train"))
+    cfg = DataConfig(loader="torch", image_size=32, rotation=10, color_jitter=0.2)
+    global_batch, epoch, steps = 8, 3, 2
+
+    def global_batches(world):
+        per_rank = []
+        for rank in range(world):
+            p = Placement(rank=rank, world_size=world, device=torch.device("cpu"))
+            loader = build_loader(cfg, split, train=True, batch_per_rank=global_batch // world, placement=p, seed=11)
+            loader.set_epoch(epoch)
+            per_rank.append([batch for _, batch in zip(range(steps), loader)])
+        out = []
+        for k in range(steps):  # each step: file index -> its augmented image, over all ranks
+            images = torch.cat([per_rank[r][k][0] for r in range(world)])
+            files = torch.cat([per_rank[r][k][1] for r in range(world)]).tolist()
+            assert len(files) == len(set(files)) == global_batch
+            out.append(dict(zip(files, images)))
+        return out
+
+    one = global_batches(1)
+    assert set(one[0]) != set(one[1])
+    for world in (2, 4):
+        many = global_batches(world)
+        for k in range(steps):
+            assert set(many[k]) == set(one[k]), f"step {k}: different files on {world} processes"
+            assert all(torch.equal(many[k][f], one[k][f]) for f in one[k]), f"step {k}: different augmentation"

@@ -19,6 +19,8 @@ import torch
 class BatchLoader(Protocol):
     num_samples: int
     """Samples this process sees per epoch (before any corrupt file is skipped)."""
+    kind: str
+    """Which loader this is ("torch", "dali"): what data.loader=auto chose, for the run's record."""
 
     def set_epoch(self, epoch: int) -> None: ...
 

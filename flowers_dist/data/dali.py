@@ -203,6 +203,8 @@ class DaliLoader:
     start of the next permutation. Evaluation yields every batch; a rank's last can be empty.
     """
 
+    kind = "dali"
+
     def __init__(self, pipeline, *, train: bool, steps: int, num_samples: int, placement: Placement, split: Split):
         self.train, self.num_samples, self.placement, self.split = train, num_samples, placement, split
         self.epoch = 0
