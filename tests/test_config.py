@@ -107,3 +107,16 @@ def test_scale_keys_are_checked(override, key):
         config.load(None, ["optim.warmup_steps=5", "optim.warmup_epochs=1"])
     with pytest.raises(ConfigError, match=r"'train.micro_batch_size': 3 x train.grad_accum_steps 2 does not divide"):
         config.load(None, ["train.micro_batch_size=3", "train.grad_accum_steps=2"])
+
+
+def test_eight_gpu_config_is_the_recipe_at_batch_256():
+    from flowers_dist.schedule import base_lr
+    from flowers_dist.sync_bn import wanted
+
+    ref = config.load(REPO / "configs" / "flowers_resnet18.yaml")
+    cfg = config.load(REPO / "configs" / "flowers_resnet18_8gpu.yaml")
+    assert cfg.data == ref.data and cfg.model.name == ref.model.name and cfg.train.epochs == ref.train.epochs
+    assert (cfg.optim.schedule, cfg.optim.step_size, cfg.optim.gamma, cfg.optim.momentum) == ("step", 7, 0.1, 0.9)
+    assert cfg.train.batch_split(8) == (32, 1) and cfg.train.batch_split(4) == (32, 2)
+    assert base_lr(cfg.optim, cfg.train.global_batch_size) == pytest.approx(8e-3)
+    assert not wanted(cfg.model.sync_bn, 32, 8)[0]

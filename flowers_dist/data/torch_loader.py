@@ -143,13 +143,14 @@ class TorchLoader:
             yield pending
 
 
-def build_torch_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement, seed: int, max_steps: int = 0) -> TorchLoader:
+def build_torch_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement, seed: int, max_steps: int = 0,
+                       accum: int = 1) -> TorchLoader:
     p = placement
     if train:
         def make(epoch: int) -> list[list[int]]:
-            batches = train_shard(len(split), batch_per_rank, p.rank, p.world_size, seed, epoch)
+            batches = train_shard(len(split), batch_per_rank, p.rank, p.world_size, seed, epoch, accum)
             return batches[:max_steps] if max_steps else batches
-        length = len(split) // (batch_per_rank * p.world_size)  # train_shard's full global batches
+        length = len(split) // (batch_per_rank * p.world_size * accum) * accum  # train_shard's micro-batches
         length = min(length, max_steps) if max_steps else length
         transform = train_transform(cfg)
     else:
