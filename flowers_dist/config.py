@@ -239,6 +239,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value not in choices:
             raise ConfigError(f"config key '{key}': must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value

@@ -120,3 +120,14 @@ def test_eight_gpu_config_is_the_recipe_at_batch_256():
     assert cfg.train.batch_split(8) == (32, 1) and cfg.train.batch_split(4) == (32, 2)
     assert base_lr(cfg.optim, cfg.train.global_batch_size) == pytest.approx(8e-3)
     assert not wanted(cfg.model.sync_bn, 32, 8)[0]
+
+
+def test_sync_bn_on_and_off_survive_yaml(tmp_path):
+    assert config.load(None, ["model.sync_bn=on"]).model.sync_bn == "on"  # YAML reads on as true
+    assert config.load(None, ["model.sync_bn=off"]).model.sync_bn == "off"
+    (tmp_path / "c.yaml").write_text("model:\n  sync_bn: on\n")
+    cfg = config.load(tmp_path / "c.yaml")
+    config.dump(cfg, tmp_path / "back.yaml")
+    assert config.load(tmp_path / "back.yaml").model.sync_bn == "on"
+    with pytest.raises(ConfigError, match="'train.mixed_precision': must be one of"):
+        config.load(None, ["train.mixed_precision=true"])
