@@ -59,6 +59,14 @@ def check(saved: dict[str, Any], new: dict[str, Any], force: bool) -> dict[str, 
     return found
 
 
+def previous_overrides(run_dir: Path) -> list[str]:
+    """Every earlier resume's overrides, in order: with config.yaml, they give the config the run last ran with."""
+    path = run_dir / "resumes.jsonl"
+    if not path.is_file():
+        return []
+    return [item for line in path.read_text().splitlines() if line.strip() for item in json.loads(line)["overrides"]]
+
+
 def record(run_dir: Path, overrides: list[str], found: dict[str, tuple[Any, Any]], forced: bool, from_epoch: int,
            world_size: int) -> None:
     """Append this resume (overrides as given, changed keys, whether forced) to run_dir/resumes.jsonl."""

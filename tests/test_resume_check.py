@@ -37,6 +37,8 @@ def test_each_resume_is_recorded_beside_the_config(tmp_path):
     resume_check.record(tmp_path, ["train.epochs=20"], {"train.epochs": (8, 20)}, False, 8, 2)
     resume_check.record(tmp_path, ["optim.lr=0.1"], {"optim.lr": (0.001, 0.1)}, True, 20, 1)
     lines = [json.loads(line) for line in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert resume_check.previous_overrides(tmp_path) == ["train.epochs=20", "optim.lr=0.1"]
+    assert resume_check.previous_overrides(tmp_path / "elsewhere") == []
     assert [(r["overrides"], r["changed"], r["forced"], r["from_epoch"]) for r in lines] == [
         (["train.epochs=20"], {"train.epochs": [8, 20]}, False, 8), (["optim.lr=0.1"], {"optim.lr": [0.001, 0.1]}, True, 20)]
 
