@@ -15,14 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .config import Config
 from .errors import ConfigError
 
 # Keys that leave the weights alone: where things go and how they are shown, evaluation's batching
-# (its counts are exact at any batch), the decode workers, the data folder's path (the classes are
-# checked against the checkpoint's), and torch.compile (the same function, compiled).
+# (its counts are exact at any batch), the decode workers and decoder share, the data folder's path
+# (the classes are checked against the checkpoint's), memory layout and torch.compile (the same
+# function, computed another way), the initial weights (the checkpoint's replace them), and when
+# checkpoints are written and failures detected.
 HARMLESS = {
-    "data.root", "data.num_workers", "model.compile",
-    "train.eval_batch_size", "train.log_every", "train.output_dir", "train.name", "train.progress",
+    "data.root", "data.num_workers", "data.hw_decoder_load", "model.compile", "model.channels_last", "model.pretrained",
+    "train.eval_batch_size", "train.log_every", "train.output_dir", "train.name", "train.progress", "train.resume",
+    "train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.keep_checkpoints", "train.stop_check_every",
+    "train.collective_timeout", "train.watchdog",
     "tracking.wandb", "tracking.project", "tracking.entity", "tracking.tags", "tracking.group", "tracking.target_accuracy",
 }
 
@@ -32,8 +37,11 @@ def _flat(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """The dotted keys whose value differs between the run's config and the resume's, with (old, new)."""
-    old, now = _flat(saved), _flat(new)
+    """The dotted keys whose value differs between the run's config and the resume's, with (old, new).
+
+    Keys the saved config lacks (a checkpoint from before they existed) count as their defaults.
+    """
+    old, now = {**_flat(Config().to_dict()), **_flat(saved)}, _flat(new)
     return {key: (old.get(key), now.get(key)) for key in now if old.get(key) != now.get(key)}
 
 

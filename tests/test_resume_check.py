@@ -54,3 +54,31 @@ def test_wandb_steps_continue_past_the_highest_logged():
     # A second kill after the resumed run logged steps 11-12 as 14-15 and its checkpoint at step 15 never landed.
     second = [*first, {"event": "resume"}, {"event": "step", "step": 11, "wandb_step": 14}, {"event": "step", "step": 12, "wandb_step": 15}]
     assert step_offset(second, 10) == 5
+
+
+def test_the_fp16_loss_scale_goes_into_the_checkpoint_and_back(tmp_path):
+    # fp16 runs only on CUDA (Accelerate makes the GradScaler there); the manager's part is device-free.
+    import torch
+
+    from flowers_dist.checkpointing import CheckpointManager, Progress
+
+    def scaler_at(scale):
+        scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+        scaler.scale(torch.ones(()))  # the scale tensor exists from the first use
+        scaler.update(new_scale=scale)
+        return scaler
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    manager = CheckpointManager(tmp_path, config.TrainConfig(), is_main=False)
+    state = manager.state(model=model, optimizer=optimizer, progress=Progress(), rank_sums=[], loader_states=[None], world=1,
+                          config={}, classes=[], scaler=scaler_at(512.0))
+    fresh = scaler_at(65536.0)
+    manager.restore(state, model, optimizer, 0, 1, scaler=fresh)
+    assert fresh.get_scale() == 512.0
+    assert manager.state(model=model, optimizer=optimizer, progress=Progress(), rank_sums=[], loader_states=[None], world=1,
+                         config={}, classes=[])["scaler"] is None  # fp32 and bf16 runs have none
+
+
+def test_every_harmless_key_exists():
+    assert resume_check.HARMLESS <= set(resume_check._flat(config.Config().to_dict()))
