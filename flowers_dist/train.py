@@ -232,8 +232,9 @@ def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSigna
             try:
                 progress = ckpt.restore(state, model, optimizer, accelerator.process_index, world, scaler=accelerator.scaler)
             except RuntimeError as exc:  # only with --force: a model or optimizer the checkpoint does not fit
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's: a title, then the misfits
                 raise errors.CheckpointError(f"{claim.resume_from} does not fit this config (model.name={cfg.model.name}): "
-                                             f"{str(exc).splitlines()[0]}") from None
+                                             f"{(lines[1:] or lines or ['?'])[0][:200]}") from None
             rec.continue_clock(progress.elapsed)
         model, optimizer = accelerator.prepare(model, optimizer)
         eval_model = evaluation_model(model, accelerator.unwrap_model(model, keep_torch_compile=False),

@@ -21,7 +21,7 @@ def test_resume_refuses_result_changes_and_keeps_the_original_config(tmp_path):
         "('resnet18.tv_in1k' -> 'resnet34'); start a new run, or pass --force to resume with it anyway"]
     misfit = cli(["train", "--resume", str(run), "--force", "model.name=resnet34"], check=False)
     assert misfit.returncode == 2 and len(misfit.stderr.strip().splitlines()) == 1
-    assert "does not fit model.name=resnet34" in misfit.stderr
+    assert "does not fit this config (model.name=resnet34): " in misfit.stderr
     cli(["train", "--resume", str(run), "--force", "optim.lr=0.002", "train.epochs=2"])
     cli(["train", "--resume", str(run), "train.epochs=3", "train.log_every=2"])
     assert (run / "config.yaml").read_text() == original
