@@ -145,7 +145,7 @@ def test_a_damaged_checkpoint_is_one_line_in_every_command(trained_run, tmp_path
 
 
 def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
-    run = [*RUN, "data.loader=torch", "train.epochs=2", f"train.output_dir={tmp_path}", "train.name=fb"]
+    run = [*RUN, "data.loader=torch", "model.name=test_resnet", "train.epochs=2", f"train.output_dir={tmp_path}", "train.name=fb"]
     cli(run)
     ck = tmp_path / "fb" / "checkpoints"
     step_files = sorted(ck.glob("step-*.pt"))
