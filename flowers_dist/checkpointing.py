@@ -150,8 +150,13 @@ class CheckpointManager:
     # -- what a checkpoint holds -------------------------------------------------------------
     def state(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
               rank_sums: list[list[float]], loader_states: list[str | None], world: int,
-              config: dict[str, Any], classes: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The checkpoint of the run at `progress.position`; rank_sums and loader_states hold every rank's."""
+              config: dict[str, Any], classes: list[str], extra: dict[str, Any] | None = None,
+              scaler: Any = None) -> dict[str, Any]:
+        """The checkpoint of the run at `progress.position`; rank_sums and loader_states hold every rank's.
+
+        `scaler`: fp16's GradScaler, whose loss scale a resume must continue from (a fresh one restarts
+        at 65,536 and skips the first steps finding the scale again).
+        """
         pos = progress.position
         return {
             "format": checkpoint.FORMAT,
@@ -161,14 +166,17 @@ class CheckpointManager:
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": checkpoint.rng_state(), "config": config, "classes": classes,
             "best": progress.best, "elapsed": progress.elapsed, "world_size": world,
-            "loader_states": loader_states, "epoch_sums": rank_sums, **(extra or {}),
+            "loader_states": loader_states, "epoch_sums": rank_sums,
+            "scaler": scaler.state_dict() if scaler is not None else None, **(extra or {}),
         }
 
     def restore(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                rank: int, world: int) -> Progress:
-        """Load weights, optimizer and generators; return where training continues."""
+                rank: int, world: int, scaler: Any = None) -> Progress:
+        """Load weights, optimizer, generators (and fp16's loss scale); return where training continues."""
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         pos = state.get("position") or {"epoch": state["epoch"] + 1, "step": 0}
         progress = Progress(Position(pos["epoch"], pos["step"]), {"time_to_target": None, **state["best"]},

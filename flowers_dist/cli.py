@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train, or resume, a run", description="Train with a YAML config; extra arguments section.key=value override it.")
     train.add_argument("--config", type=Path, help="YAML config (configs/*.yaml); defaults to the run's own config with --resume")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in this folder from its last checkpoint")
+    train.add_argument("--force", action="store_true", help="resume even with overrides that change what the run computes")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a labelled folder")
@@ -65,19 +66,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from . import config
+    from . import config, resume_check
     from .train import train
 
     if args.resume is not None:
         run_config = args.resume / "config.yaml"
         if not run_config.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
-        cfg = config.load(args.config or run_config, args.overrides)
-        train(cfg, resume=args.resume)
+        # config.yaml stays as the run was started; earlier resumes' overrides are in resumes.jsonl.
+        earlier = resume_check.previous_overrides(args.resume)
+        cfg = config.load(args.config or run_config, [*earlier, *args.overrides])
+        train(cfg, resume=args.resume, overrides=args.overrides, force=args.force)
     else:
         if args.config is None:
             raise ConfigError("train needs --config FILE (or --resume RUN_DIR)")
-        train(config.load(args.config, args.overrides), config_name=args.config.stem)
+        train(config.load(args.config, args.overrides), config_name=args.config.stem, overrides=args.overrides,
+              force=args.force)
 
 
 def _predict(args: argparse.Namespace) -> None:

@@ -87,6 +87,9 @@ class ModelConfig:
     zero_init_last: bool = True
     """From scratch: start each residual block's last BatchNorm weight at zero (timm's default for ResNets);
     false keeps PyTorch's default of one, which learns faster from scratch (see README); ImageNet weights overwrite it."""
+    sync_bn: Literal["off", "on", "auto"] = "auto"
+    """BatchNorm statistics over the global batch instead of each process's share (sync_bn.py); `auto`:
+    when several processes each hold fewer than 16 images per micro-batch."""
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "model.name", "must not be empty")
@@ -96,7 +99,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    """Learning rate at epoch 0 for the global batch size in train.global_batch_size."""
+    """Learning rate after warm-up; for optim.reference_batch_size images per step when optim.lr_scaling=linear."""
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 0.0
@@ -110,7 +113,13 @@ class OptimConfig:
     gamma: float = 0.1
     """StepLR: multiply the learning rate by this at each decay."""
     warmup_epochs: int = 0
-    """Linear warm-up from lr/10 over this many epochs (large global batches)."""
+    """Linear warm-up, per optimizer step, from lr/10 over this many epochs (large global batches)."""
+    warmup_steps: int = 0
+    """Linear warm-up from lr/10 over this many optimizer steps (instead of optim.warmup_epochs)."""
+    lr_scaling: Literal["none", "linear"] = "none"
+    """`linear`: the rate used is lr x train.global_batch_size / optim.reference_batch_size (Goyal et al. 2017)."""
+    reference_batch_size: int = 32
+    """The global batch optim.lr was tuned for (the recipe's 32); used by optim.lr_scaling=linear."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -119,6 +128,10 @@ class OptimConfig:
         _check(self.step_size >= 1, "optim.step_size", f"must be >= 1, got {self.step_size}")
         _check(0 < self.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {self.gamma}")
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(not (self.warmup_steps and self.warmup_epochs), "optim.warmup_steps",
+               f"set it or optim.warmup_epochs, not both (got {self.warmup_steps} and {self.warmup_epochs})")
+        _check(self.reference_batch_size >= 1, "optim.reference_batch_size", f"must be >= 1, got {self.reference_batch_size}")
         _check(not self.nesterov or self.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
 
 
@@ -127,7 +140,11 @@ class TrainConfig:
     epochs: int = 25
     """Number of epochs."""
     global_batch_size: int = 32
-    """Images per optimizer step over all processes; each process takes global / world size."""
+    """Images per optimizer step over all processes: micro batch x processes x train.grad_accum_steps."""
+    micro_batch_size: int = 0
+    """Images per process in one forward/backward; 0 = derived: global batch / (processes x train.grad_accum_steps)."""
+    grad_accum_steps: int = 0
+    """Micro-batches whose gradients are summed into one optimizer step; 0 = derived from train.micro_batch_size (1 if unset)."""
     eval_batch_size: int = 64
     """Images per evaluation batch and process."""
     max_steps_per_epoch: int = 0
@@ -169,6 +186,12 @@ class TrainConfig:
         _check(self.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", f"must be >= 0, got {self.max_steps_per_epoch}")
+        _check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0 (0 = derived), got {self.micro_batch_size}")
+        _check(self.grad_accum_steps >= 0, "train.grad_accum_steps", f"must be >= 0 (0 = derived), got {self.grad_accum_steps}")
+        if self.micro_batch_size and self.grad_accum_steps:
+            _check(self.global_batch_size % (self.micro_batch_size * self.grad_accum_steps) == 0, "train.micro_batch_size",
+                   f"{self.micro_batch_size} x train.grad_accum_steps {self.grad_accum_steps} does not divide "
+                   f"train.global_batch_size {self.global_batch_size}")
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _check("/" not in self.name, "train.name", f"must not contain '/', got {self.name!r}")
         _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", f"must be >= 0, got {self.checkpoint_every_steps}")
@@ -177,6 +200,24 @@ class TrainConfig:
         _check(self.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {self.stop_check_every}")
         _check(self.collective_timeout > 0, "train.collective_timeout", f"must be > 0 seconds, got {self.collective_timeout}")
         _check(self.watchdog >= 0, "train.watchdog", f"must be >= 0 seconds (0 = off), got {self.watchdog}")
+
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """(micro batch per process, accumulation steps) for `world_size` processes, with
+        global batch = micro x processes x accumulation; whichever of the two is 0 is derived."""
+        g, micro, accum = self.global_batch_size, self.micro_batch_size, self.grad_accum_steps
+        if micro and accum:
+            _check(micro * world_size * accum == g, "train.global_batch_size",
+                   f"{g} != train.micro_batch_size {micro} x {world_size} processes x train.grad_accum_steps {accum}")
+        elif micro:
+            _check(g % (micro * world_size) == 0, "train.micro_batch_size",
+                   f"{micro} x {world_size} processes does not divide train.global_batch_size {g}")
+            accum = g // (micro * world_size)
+        else:
+            accum = accum or 1
+            _check(g % (world_size * accum) == 0, "train.global_batch_size",
+                   f"{g} does not split evenly over {world_size} processes x train.grad_accum_steps {accum}")
+            micro = g // (world_size * accum)
+        return micro, accum
 
 
 @dataclass
@@ -235,6 +276,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value not in choices:
             raise ConfigError(f"config key '{key}': must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value

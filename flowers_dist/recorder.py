@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import torch
 
-from . import tracking
+from . import resume_check, tracking
 from .config import Config, TrackingConfig, dump
 from .errors import DiskError
 
@@ -67,6 +67,7 @@ class Recorder:
         self._wandb = is_main and accelerator is not None and tracking_cfg is not None and wandb_mode != "disabled"
         self._wandb_mode = wandb_mode
         self._classes: list[str] = []
+        self._wandb_offset = 0  # see tracking.step_offset
 
     def continue_clock(self, elapsed: float) -> None:
         """After a resume, count run time on from where the checkpoint left it (training time, not wall time between)."""
@@ -78,12 +79,22 @@ class Recorder:
         return self.run_dir / "metrics.jsonl"
 
     def start(self, cfg: Config, classes: Iterable[str], env: dict[str, Any], start_epoch: int, resumed: bool,
-              start_step: int = 0) -> None:
+              start_step: int = 0, global_step: int = 0, resume_note: dict[str, Any] | None = None) -> None:
+        """start_step: the step in start_epoch to continue from; global_step: optimizer steps already taken;
+        resume_note: the resume's overrides, changed keys and --force."""
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.repair_metrics()
-        dump(cfg, self.run_dir / "config.yaml")
+        if resumed:  # config.yaml keeps what the run was started with; each resume adds a line beside it
+            note = resume_note or {"overrides": [], "changed": {}, "forced": False}
+            resume_check.record(self.run_dir, note["overrides"], note["changed"], note["forced"], start_epoch,
+                                env["world_size"])
+            if self.metrics_path.is_file():
+                records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+                self._wandb_offset = tracking.step_offset(records, global_step)
+        else:
+            dump(cfg, self.run_dir / "config.yaml")
         (self.run_dir / "classes.json").write_text(json.dumps(list(classes), indent=1) + "\n")
         (self.run_dir / "environment.json").write_text(json.dumps(env, indent=1) + "\n")
         # A killed run can have logged an epoch whose checkpoint never landed; it is trained again
@@ -102,17 +113,23 @@ class Recorder:
         """One `step` row: training loss, learning rate and throughput over the last log interval."""
         if not self.is_main:
             return
+        record = self._with_wandb_step(record)
         self.log({"event": "step", **record})
         if self._wandb:
-            self._accelerator.log(tracking.step_values(record), step=record["step"])
+            self._accelerator.log(tracking.step_values(record), step=record.get("wandb_step", record["step"]))
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         """One `epoch` row: train/val accuracy, per-class accuracy, the confusion matrix, epoch timing."""
         if not self.is_main:
             return
+        record = self._with_wandb_step(record)
         self.log({"event": "epoch", **record})
         if self._wandb:
-            self._accelerator.log(tracking.epoch_values(record, self._classes), step=record["step"])
+            self._accelerator.log(tracking.epoch_values(record, self._classes), step=record.get("wandb_step", record["step"]))
+
+    def _with_wandb_step(self, record: dict[str, Any]) -> dict[str, Any]:
+        # After a resume that trains again steps W&B has seen, log past them; metrics.jsonl keeps both numbers.
+        return {**record, "wandb_step": record["step"] + self._wandb_offset} if self._wandb_offset else record
 
     def log_data_check(self, record: dict[str, Any]) -> None:
         """The `data_check` row (files the check left out, and why); in W&B as summary values, which need no step."""

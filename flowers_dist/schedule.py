@@ -1,9 +1,10 @@
-"""Learning-rate schedules as pure functions of the epoch.
+"""Learning-rate schedules as pure functions of the optimizer step (or of the epoch, for per-epoch use).
 
-The loop sets the rate at the start of each epoch from these functions, so there is no
+The loop sets the rate before each optimizer step from these functions, so there is no
 scheduler object to step: nothing to step twice per epoch under several processes
 (Accelerate steps prepared schedulers once per process), and nothing to restore on resume
-but the epoch itself.
+but the position itself. Steps are optimizer steps: with gradient accumulation, one step is
+one global batch, however many micro-batches it took.
 """
 
 from __future__ import annotations
@@ -13,15 +14,51 @@ import math
 from .config import OptimConfig
 
 
-def lr_at(cfg: OptimConfig, epoch: int, total_epochs: int) -> float:
-    """Learning rate for `epoch` (0-based) of a run of `total_epochs`."""
+def base_lr(cfg: OptimConfig, global_batch_size: int) -> float:
+    """optim.lr, scaled for the global batch when optim.lr_scaling=linear.
+
+    Linear scaling (Goyal et al. 2017): k times the batch averages k times as many gradients
+    per step, so k times the rate keeps the update per image; it needs warm-up when k is large.
+    """
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * global_batch_size / cfg.reference_batch_size
+    return cfg.lr
+
+
+def warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
+    """Warm-up length in optimizer steps: optim.warmup_steps, or optim.warmup_epochs whole epochs of steps."""
+    return cfg.warmup_steps or cfg.warmup_epochs * steps_per_epoch
+
+
+def lr_at_step(cfg: OptimConfig, epoch: int, step: int, steps_per_epoch: int, *, total_epochs: int,
+               global_batch_size: int) -> float:
+    """Learning rate of optimizer step `step` (0-based) of `epoch` (0-based), with `steps_per_epoch` steps an epoch.
+
+    The decay is the epoch's (step: StepLR every optim.step_size epochs; cosine: continuous over
+    the run's steps); warm-up, if any, is linear per step from a tenth of the rate to the full
+    rate at its last step.
+    """
+    if steps_per_epoch < 1 or not 0 <= step < steps_per_epoch:
+        raise ValueError(f"step {step} outside an epoch of {steps_per_epoch} steps")
+    k = epoch * steps_per_epoch + step  # optimizer steps taken before this one
     if cfg.schedule == "step":
         factor = cfg.gamma ** (epoch // cfg.step_size)
     elif cfg.schedule == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * epoch / total_epochs))
+        factor = 0.5 * (1.0 + math.cos(math.pi * k / (total_epochs * steps_per_epoch)))
     else:
         factor = 1.0
-    if epoch < cfg.warmup_epochs:
-        # Linear from lr/10 at epoch 0 up to the scheduled rate at the end of warm-up.
-        factor *= 0.1 + 0.9 * epoch / cfg.warmup_epochs
-    return cfg.lr * factor
+    warm = warmup_steps(cfg, steps_per_epoch)
+    if k < warm:
+        factor *= 0.1 + 0.9 * k / warm
+    return base_lr(cfg, global_batch_size) * factor
+
+
+def lr_at(cfg: OptimConfig, epoch: int, total_epochs: int, global_batch_size: int | None = None) -> float:
+    """Learning rate for the whole of `epoch` (0-based) of a run of `total_epochs`: the rate of its first step
+    with one step an epoch, so warm-up counts epochs (optim.warmup_steps needs lr_at_step)."""
+    if cfg.lr_scaling != "none" and global_batch_size is None:
+        raise ValueError("optim.lr_scaling needs the global batch size")
+    if cfg.warmup_steps:
+        raise ValueError("optim.warmup_steps needs a per-step schedule (lr_at_step)")
+    return lr_at_step(cfg, epoch, 0, 1, total_epochs=total_epochs,
+                      global_batch_size=global_batch_size or cfg.reference_batch_size)

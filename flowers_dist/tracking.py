@@ -56,6 +56,17 @@ def init_kwargs(cfg: TrackingConfig, mode: str, run_dir: Path) -> dict[str, Any]
     return {"wandb": kwargs}
 
 
+def step_offset(records: list[dict[str, Any]], resume_step: int) -> int:
+    """How far past the optimizer step a resumed run logs to W&B, so that no row lands at or below one already logged.
+
+    W&B drops rows whose step is not above the highest it has seen; a run killed mid-epoch has
+    logged steps past its checkpoint (resume_step), which the resumed run trains, and logs, again.
+    `records` is metrics.jsonl so far; rows logged under an earlier offset carry their `wandb_step`.
+    """
+    logged = [r.get("wandb_step", r["step"]) for r in records if r.get("event") in ("step", "epoch")]
+    return max(0, max(logged, default=0) - resume_step)
+
+
 def run_config(cfg: Config, env: dict[str, Any], classes: list[str]) -> dict[str, Any]:
     """What W&B records once: the resolved config, code and library versions, hardware."""
     return {**cfg.to_dict(), "environment": env, "classes": classes}

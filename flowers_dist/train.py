@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, is_compiled_module, set_seed
 
-from . import checkpoint, errors
+from . import checkpoint, errors, resume_check, sync_bn
 from .checkpointing import CheckpointManager, Claim, Position, Progress, default_run_name
 from .config import Config, ConfigError, OptimConfig, TrainConfig
 from .data import BatchLoader, build_loader
@@ -35,7 +36,7 @@ from .evaluate import EvalResult, local_counts
 from .model import build_model
 from .preemption import StopSignals
 from .recorder import Recorder, environment
-from .schedule import lr_at
+from .schedule import lr_at_step
 from .tracking import resolve_mode
 from .watchdog import Watchdog
 
@@ -59,14 +60,12 @@ def sync(device: torch.device) -> None:
 
 
 def batch_per_process(cfg: TrainConfig, world: int) -> int:
-    """Each process's share of the global batch; the global batch, and so the recipe, stays the same at any world size."""
-    if cfg.global_batch_size % world:
-        raise ConfigError(f"config key 'train.global_batch_size': {cfg.global_batch_size} does not split evenly over {world} processes")
-    return cfg.global_batch_size // world
+    """Each process's micro-batch (TrainConfig.batch_split); the global batch, and so the recipe, stays the same at any world size."""
+    return cfg.batch_split(world)[0]
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD as the config sets it; the learning rate is overwritten each epoch from schedule.lr_at.
+    """SGD as the config sets it; the learning rate is overwritten before each step from schedule.lr_at_step.
 
     fused=True (pass it on CUDA) updates all parameters in one kernel, and is what keeps fp16
     free of a host sync: GradScaler.step() reads `found_inf` with .item() before a plain
@@ -98,6 +97,36 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     backward(loss)
     optimizer.step()
     return logits, loss
+
+
+def micro_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, backward, accum: int,
+               syncs: bool, no_sync) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of one of the `accum` micro-batches of an optimizer step; gradients add up in .grad.
+
+    The loss is divided by `accum`: the mean of the micro-batches' means is the global batch's mean
+    (equal micro-batches), so the summed gradient is the large batch's, and DDP then averages over
+    processes as without accumulation. DDP all-reduces only in the micro-batch that `syncs` (the
+    last); the others run under its no_sync, which defers the all-reduce, not skips it. (Explicit
+    rather than Accelerate's accumulate(): that keeps its own micro-step counter, which a
+    mid-epoch resume would have to restore, and only syncs at the end of prepared DataLoaders.)
+    """
+    with nullcontext() if syncs else no_sync(model):
+        logits = model(images)
+        # sum / n, not mean: the same value for n > 0, and 0 (with zero gradients) for a rank's empty
+        # micro-batch (every file unreadable), where the mean would be NaN and poison every rank.
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum") / max(labels.numel(), 1)
+        backward(loss / accum if accum > 1 else loss)
+    return logits, loss
+
+
+def evaluation_model(prepared: torch.nn.Module, bare: torch.nn.Module, compile_kwargs: dict) -> torch.nn.Module:
+    """The model evaluation runs: `bare` (no DDP: no hooks, no collectives, so a rank without a val
+    batch cannot hang the others), compiled on its own when `prepared` is compiled.
+
+    Not accelerator.unwrap_model(prepared): for a compiled model it returns the compiled wrapper,
+    whose forward still calls DDP's, and rewires that wrapper's _orig_mod as a side effect.
+    """
+    return torch.compile(bare, **compile_kwargs) if is_compiled_module(prepared) else bare
 
 
 def step_counts(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -136,6 +165,15 @@ class Run:
     progress: Progress
     signals: StopSignals
     dog: Watchdog
+    steps_per_epoch: int
+    """Optimizer steps an epoch; the loader yields accum micro-batches for each."""
+    accum: int
+    eval_model: torch.nn.Module
+
+    def lr(self, epoch: int, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based) of `epoch`."""
+        return lr_at_step(self.cfg.optim, epoch, step, self.steps_per_epoch, total_epochs=self.cfg.train.epochs,
+                          global_batch_size=self.cfg.train.global_batch_size)
 
     @property
     def world(self) -> int:
@@ -152,10 +190,15 @@ class Run:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
 
-def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> Path:
-    """Train (or resume) one run; returns its run folder. Every process calls this."""
+def train(cfg: Config, config_name: str = "run", resume: Path | None = None, overrides: list[str] = (),
+          force: bool = False) -> Path:
+    """Train (or resume) one run; returns its run folder. Every process calls this.
+
+    A resume refuses config changes that change what the run computes unless `force`
+    (resume_check.py); `overrides` are the command line's, recorded with each resume.
+    """
     with StopSignals() as signals:  # from the start: a signal during set-up stops the run at its first check
-        run = setup(cfg, config_name, resume, signals)
+        run = setup(cfg, config_name, resume, signals, list(overrides), force)
         try:
             with run.dog, _peer_failures(run.accelerator.process_index, cfg.train.collective_timeout):
                 start = run.progress.position.epoch
@@ -176,13 +219,14 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
 
 
 # -- set-up -------------------------------------------------------------------------------------
-def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSignals) -> Run:
+def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSignals, overrides: list[str] = (),
+          force: bool = False) -> Run:
     wandb_mode = resolve_mode(cfg.tracking)
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision,
                                    log_with=None if wandb_mode == "disabled" else "wandb", compile_model=cfg.model.compile,
                                    collective_timeout=cfg.train.collective_timeout, cudnn_benchmark=cfg.train.cudnn_benchmark)
     world = accelerator.num_processes
-    batch_per_rank = batch_per_process(cfg.train, world)
+    batch_per_rank, accum = cfg.train.batch_split(world)
 
     # One process checks the files (cached by path, size and mtime); the others get its verdict.
     train_split, val_split, skipped = shared(lambda: usable_splits(cfg.data), accelerator.is_main_process, broadcast_object_list)
@@ -196,38 +240,63 @@ def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSigna
         set_seed(cfg.train.seed)  # same new-head initialisation on every rank
         with accelerator.main_process_first():  # one download into the cache, the other ranks read it
             model = build_model(cfg.model, len(classes))
+        use_sync_bn, sync_bn_why = sync_bn.wanted(cfg.model.sync_bn, batch_per_rank, world)
+        if use_sync_bn:  # before the optimizer and prepare; the parameters stay the same tensors
+            model, converted = sync_bn.convert(model)
+            sync_bn_why += f"; {converted} BatchNorm layers synchronised"
         optimizer = build_optimizer(cfg.optim, model, fused=accelerator.device.type == "cuda")
         progress = Progress()
+        resume_changes = {}
         if claim.resume_from is not None:
             state = checkpoint.load(claim.resume_from)
             if state["classes"] != classes:
                 raise ConfigError(f"the classes in {cfg.data.root} differ from those the run was trained on ({state['classes']})")
-            progress = ckpt.restore(state, model, optimizer, accelerator.process_index, world)
+            resume_changes = resume_check.check(state["config"], cfg.to_dict(), force)
+            try:
+                progress = ckpt.restore(state, model, optimizer, accelerator.process_index, world, scaler=accelerator.scaler)
+            except RuntimeError as exc:  # only with --force: a model or optimizer the checkpoint does not fit
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's: a title, then the misfits
+                raise errors.CheckpointError(f"{claim.resume_from} does not fit this config (model.name={cfg.model.name}): "
+                                             f"{(lines[1:] or lines or ['?'])[0][:200]}") from None
             rec.continue_clock(progress.elapsed)
         model, optimizer = accelerator.prepare(model, optimizer)
+        eval_model = evaluation_model(model, accelerator.unwrap_model(model, keep_torch_compile=False),
+                                      accelerator.state.dynamo_plugin.to_kwargs())
 
         place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
+        steps_per_epoch = len(train_split) // cfg.train.global_batch_size  # optimizer steps
+        if cfg.train.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
         train_loader = build_loader(cfg.data, train_split, train=True, batch_per_rank=batch_per_rank, placement=place,
-                                    seed=cfg.train.seed, max_steps=cfg.train.max_steps_per_epoch, resume_state=progress.loader_state)
+                                    seed=cfg.train.seed, max_steps=steps_per_epoch * accum, resume_state=progress.loader_state,
+                                    accum=accum)
+        if len(train_loader) != steps_per_epoch * accum:  # the loaders' contract with this loop; a bug if it breaks
+            raise RuntimeError(f"the loader yields {len(train_loader)} micro-batches an epoch, not {steps_per_epoch} x {accum}")
         val_loader = build_loader(cfg.data, val_split, train=False, batch_per_rank=cfg.train.eval_batch_size,
                                   placement=place, seed=cfg.train.seed)
     except BaseException:
         ckpt.close()
         raise
     pos = progress.position
-    rec.start(cfg, classes, environment(world, num_nodes(accelerator), accelerator.device), pos.epoch,
-              resumed=claim.resume_from is not None, start_step=pos.step)
+    env = environment(world, num_nodes(accelerator), accelerator.device)
+    # What the config's automatic choices became in this run (environment.json and the W&B config).
+    env.update(loader=train_loader.kind, micro_batch_size=batch_per_rank, grad_accum_steps=accum, sync_bn=use_sync_bn)
+    resume_note = {"overrides": overrides, "changed": resume_changes, "forced": force} if claim.resume_from else None
+    rec.start(cfg, classes, env, pos.epoch, resumed=claim.resume_from is not None,
+              start_step=pos.step, global_step=pos.epoch * steps_per_epoch + pos.step, resume_note=resume_note)
     rec.log_data_check(skipped.record())
     rec.print(skipped.line())
     for note in claim.notes:
         rec.print(f"warning: {note}")
     rec.print(f"run {ckpt.run_dir}: {len(train_split)} train / {len(val_split)} val images, {len(classes)} classes, "
-              f"{world} process(es) on {accelerator.device.type}, global batch {cfg.train.global_batch_size}, "
-              f"{len(train_loader)} steps/epoch, precision {cfg.train.mixed_precision}"
+              f"{world} process(es) on {accelerator.device.type}, global batch {cfg.train.global_batch_size} = "
+              f"{batch_per_rank} x {world} process(es) x {accum} accumulation step(s), {steps_per_epoch} steps/epoch, "
+              f"precision {cfg.train.mixed_precision}, {train_loader.kind} loader, "
+              f"sync_bn {'on' if use_sync_bn else 'off'} ({sync_bn_why})"
               + (f", torch.compile ({accelerator.state.dynamo_plugin.backend.value.lower()})" if is_compiled_module(model) else "")
               + (f"; resumed from {Path(claim.resume_from).name} at epoch {pos.epoch + 1} step {pos.step}" if claim.resume_from else ""))
     return Run(cfg, accelerator, rec, ckpt, model, optimizer, train_loader, val_loader, classes, progress, signals,
-               Watchdog(cfg.train.watchdog, accelerator.process_index))
+               Watchdog(cfg.train.watchdog, accelerator.process_index), steps_per_epoch, accum, eval_model)
 
 
 def claim_run_folder(accelerator: Accelerator, cfg: Config, config_name: str, resume: Path | None) -> tuple[CheckpointManager, Claim]:
@@ -256,14 +325,13 @@ def train_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
     Returns this rank's (loss x n, correct, n, n trained by this attempt) and the training time.
     """
     cfg, device = run.cfg.train, run.device
-    steps = len(run.train_loader)
+    steps, accum = run.steps_per_epoch, run.accum
     resumed_here = run.progress.position.epoch == epoch and run.progress.position.step > 0
     skip = run.progress.position.step if resumed_here else 0
-    lr = lr_at(run.cfg.optim, epoch, cfg.epochs)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.train_loader.set_epoch(epoch, skip)
+    lr = run.lr(epoch, min(skip, steps - 1))
+    run.train_loader.set_epoch(epoch, skip * accum)  # the loader counts micro-batches
     run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
     # Running sums stay on the device; reading them back is a sync, so it happens only every log_every steps.
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     if resumed_here and run.progress.epoch_sums is not None:
@@ -273,11 +341,20 @@ def train_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
     run.rec.epoch_bar(steps, epoch, cfg.epochs)
     run.rec.advance(skip)
     epoch_start = step_end = time.perf_counter()
-    for step, (images, labels) in enumerate(run.train_loader, skip + 1):
+    for micro, (images, labels) in enumerate(run.train_loader, skip * accum):
         window.data_wait += time.perf_counter() - step_end  # host time blocked on the loader for this batch
-        logits, loss = train_step(run.model, run.optimizer, images, labels, run.accelerator.backward)
+        step, last = micro // accum + 1, micro % accum == accum - 1  # step: 1-based optimizer step in the epoch
+        logits, loss = micro_step(run.model, images, labels, run.accelerator.backward, accum, last, run.accelerator.no_sync)
         sums += step_counts(loss, logits, labels)
         run.dog.beat()
+        if not last:
+            step_end = time.perf_counter()
+            continue
+        window.lr = lr = run.lr(epoch, step - 1)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
         run.ckpt.check()  # a failed background write (full disk) is reported at once
         if step % cfg.log_every == 0 or step == steps:
             window.log(step, sums)
@@ -344,9 +421,9 @@ def save(run: Run, position: Position, sums: torch.Tensor, is_best: bool = False
     run.progress.elapsed = time.perf_counter() - run.rec.started
     progress = Progress(position, run.progress.best, run.progress.elapsed)
     state = run.ckpt.state(model=run.bare(), optimizer=run.optimizer, progress=progress, rank_sums=rank_sums,
-                           loader_states=loader_states, world=run.world, config=run.cfg.to_dict(), classes=run.classes)
-    steps = len(run.train_loader)
-    run.ckpt.save(state, position.epoch * steps + position.step, is_best)
+                           loader_states=loader_states, world=run.world, config=run.cfg.to_dict(), classes=run.classes,
+                           scaler=run.accelerator.scaler)
+    run.ckpt.save(state, position.epoch * run.steps_per_epoch + position.step, is_best)
 
 
 def _stop(run: Run, stop: _Stopped) -> None:
@@ -377,9 +454,8 @@ def end_epoch(run: Run, epoch: int, sums: torch.Tensor, train_time: float) -> No
     if best["time_to_target"] is None and val.accuracy >= cfg.tracking.target_accuracy:
         best["time_to_target"] = elapsed
     seen = float(totals[COUNT])
-    steps = len(run.train_loader)
     record = {
-        "step": (epoch + 1) * steps, "epoch": epoch, "lr": lr_at(cfg.optim, epoch, cfg.train.epochs),
+        "step": (epoch + 1) * run.steps_per_epoch, "epoch": epoch, "lr": run.lr(epoch, 0),
         "train_loss": float(totals[LOSS_SUM]) / max(seen, 1), "train_acc": float(totals[CORRECT]) / max(seen, 1),
         "train_images": int(seen), "val_loss": val.loss, "val_acc": val.accuracy, "val_count": val.count,
         "val_per_class": dict(zip(run.classes, val.per_class_accuracy())), "val_confusion": val.confusion,
@@ -408,9 +484,7 @@ def evaluate(run: Run) -> tuple[EvalResult, float]:
             if buffer.is_floating_point():
                 buffer.copy_(run.accelerator.reduce(buffer.detach().clone(), reduction="mean"))
     with run.accelerator.autocast():
-        # Without DDP's wrapper (no collectives in evaluation), with torch.compile's if there is one.
-        counts = local_counts(run.accelerator.unwrap_model(run.model), run.val_loader, len(run.classes), run.device,
-                              on_batch=run.dog.beat)
+        counts = local_counts(run.eval_model, run.val_loader, len(run.classes), run.device, on_batch=run.dog.beat)
     val = EvalResult.from_counts(run.accelerator.reduce(counts, reduction="sum"), len(run.classes))
     return val, time.perf_counter() - start
 

@@ -69,3 +69,65 @@ def test_cli_reports_config_errors_in_one_line():
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("flowers-dist: error:") and "optim.lrr" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("global_batch, micro, accum, world, split", [
+    (32, 0, 0, 1, (32, 1)), (32, 0, 0, 8, (4, 1)), (32, 0, 2, 2, (8, 2)),
+    (256, 32, 0, 8, (32, 1)), (1024, 32, 0, 8, (32, 4)), (64, 8, 4, 2, (8, 4)),
+])
+def test_global_batch_is_micro_times_processes_times_accumulation(global_batch, micro, accum, world, split):
+    cfg = config.TrainConfig(global_batch_size=global_batch, micro_batch_size=micro, grad_accum_steps=accum)
+    cfg.validate()
+    assert cfg.batch_split(world) == split
+    assert split[0] * world * split[1] == global_batch
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["train.global_batch_size=32"], 3, r"'train.global_batch_size': 32 does not split evenly over 3 processes x train.grad_accum_steps 1$"),
+    (["train.global_batch_size=32", "train.grad_accum_steps=3"], 1, r"'train.global_batch_size': 32 does not split"),
+    (["train.global_batch_size=96", "train.micro_batch_size=16"], 4, r"'train.micro_batch_size': 16 x 4 processes does not divide"),
+    (["train.global_batch_size=64", "train.micro_batch_size=8", "train.grad_accum_steps=2"], 2,
+     r"'train.global_batch_size': 64 != train.micro_batch_size 8 x 2 processes x train.grad_accum_steps 2$"),
+])
+def test_batch_split_errors_name_the_key(overrides, world, message):
+    cfg = config.load(None, overrides)
+    with pytest.raises(ConfigError, match=message):
+        cfg.train.batch_split(world)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.sync_bn=always", "model.sync_bn"), ("optim.lr_scaling=sqrt", "optim.lr_scaling"),
+    ("optim.reference_batch_size=0", "optim.reference_batch_size"), ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("train.grad_accum_steps=-2", "train.grad_accum_steps"), ("train.micro_batch_size=-1", "train.micro_batch_size"),
+])
+def test_scale_keys_are_checked(override, key):
+    with pytest.raises(ConfigError, match=rf"'{key}'"):
+        config.load(None, [override])
+    with pytest.raises(ConfigError, match=r"'optim.warmup_steps': set it or optim.warmup_epochs, not both"):
+        config.load(None, ["optim.warmup_steps=5", "optim.warmup_epochs=1"])
+    with pytest.raises(ConfigError, match=r"'train.micro_batch_size': 3 x train.grad_accum_steps 2 does not divide"):
+        config.load(None, ["train.micro_batch_size=3", "train.grad_accum_steps=2"])
+
+
+def test_eight_gpu_config_is_the_recipe_at_batch_256():
+    from flowers_dist.schedule import base_lr
+    from flowers_dist.sync_bn import wanted
+
+    ref = config.load(REPO / "configs" / "flowers_resnet18.yaml")
+    cfg = config.load(REPO / "configs" / "flowers_resnet18_8gpu.yaml")
+    assert cfg.data == ref.data and cfg.model.name == ref.model.name and cfg.train.epochs == ref.train.epochs
+    assert (cfg.optim.schedule, cfg.optim.step_size, cfg.optim.gamma, cfg.optim.momentum) == ("step", 7, 0.1, 0.9)
+    assert cfg.train.batch_split(8) == (32, 1) and cfg.train.batch_split(4) == (32, 2)
+    assert base_lr(cfg.optim, cfg.train.global_batch_size) == pytest.approx(8e-3)
+    assert not wanted(cfg.model.sync_bn, 32, 8)[0]
+
+
+def test_sync_bn_on_and_off_survive_yaml(tmp_path):
+    assert config.load(None, ["model.sync_bn=on"]).model.sync_bn == "on"  # YAML reads on as true
+    assert config.load(None, ["model.sync_bn=off"]).model.sync_bn == "off"
+    (tmp_path / "c.yaml").write_text("model:\n  sync_bn: on\n")
+    cfg = config.load(tmp_path / "c.yaml")
+    config.dump(cfg, tmp_path / "back.yaml")
+    assert config.load(tmp_path / "back.yaml").model.sync_bn == "on"
+    with pytest.raises(ConfigError, match="'train.mixed_precision': must be one of"):
+        config.load(None, ["train.mixed_precision=true"])

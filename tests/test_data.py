@@ -1,5 +1,6 @@
 """The data-set layout checks and the PyTorch loader, on real JPEGs."""
 
+import dataclasses
 import logging
 import shutil
 
@@ -91,3 +92,66 @@ def test_train_shard_keeps_the_last_full_global_batch(n, batch, world):
     train = [train_shard(n, batch, r, world, seed=1, epoch=0) for r in range(world)]
     assert all(len(shard) == n // (batch * world) for shard in train)
     assert sorted(i for shard in train for b in shard for i in b) == list(range(n))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_loader_length_is_counted_without_making_the_epoch(train):
+    split = scan_split(SAMPLE / "train")  # 40 files
+    for world, batch, max_steps, accum in [(1, 8, 0, 1), (2, 3, 0, 1), (3, 4, 0, 1), (3, 5, 2, 1), (4, 7, 0, 1), (1, 3, 0, 3), (2, 2, 5, 2)]:
+        for rank in range(world):
+            p = Placement(rank=rank, world_size=world, device=torch.device("cpu"))
+            loader = build_loader(DataConfig(loader="torch", image_size=16), split, train=train, batch_per_rank=batch,
+                                  placement=p, seed=1, max_steps=max_steps if train else 0, accum=accum if train else 1)
+            made = []
+            make = loader.batches.make
+            loader.batches.make = lambda epoch: made.append(epoch) or make(epoch)
+            for epoch in range(3):
+                loader.set_epoch(epoch)
+                assert len(loader) == len(make(epoch)), (world, batch, rank, epoch)
+            assert made == [], "len() made (shuffled) the epoch's batches"
+            assert loader.kind == "torch"
+
+
+def _indexed(split):
+    return dataclasses.replace(split, labels=tuple(range(len(split))))
+
+
+def test_global_batch_of_each_step_is_the_same_at_any_world_size():
+    # The first half of world-size invariance: step k's global batch holds the same files, augmented
+    # identically, whether one process loads it or 2 or 4 each load a slice, with or without gradient
+    # accumulation (labels = file indices here). Its micro-batches, the groups BatchNorm normalises
+    # over without sync_bn, are the same whenever processes x accumulation steps is.
+    split = _indexed(scan_split(SAMPLE / "train"))
+    cfg = DataConfig(loader="torch", image_size=32, rotation=10, color_jitter=0.2)
+    global_batch, epoch, steps = 8, 3, 2
+
+    def global_batches(world, accum):
+        micro = global_batch // (world * accum)
+        per_rank = []
+        for rank in range(world):
+            p = Placement(rank=rank, world_size=world, device=torch.device("cpu"))
+            loader = build_loader(cfg, split, train=True, batch_per_rank=micro, placement=p, seed=11, accum=accum)
+            loader.set_epoch(epoch)
+            assert len(loader) == len(split) // global_batch * accum
+            per_rank.append([batch for _, batch in zip(range(steps * accum), loader)])
+        out, groups = [], []
+        for k in range(steps):  # each step: file index -> its augmented image, over all ranks and micro-batches
+            micro_batches = [per_rank[r][k * accum + j] for r in range(world) for j in range(accum)]
+            images = torch.cat([b[0] for b in micro_batches])
+            files = torch.cat([b[1] for b in micro_batches]).tolist()
+            assert len(files) == len(set(files)) == global_batch
+            out.append(dict(zip(files, images)))
+            groups.append({frozenset(b[1].tolist()) for b in micro_batches})
+        return out, groups
+
+    one, _ = global_batches(1, 1)
+    assert set(one[0]) != set(one[1])
+    groups_by_slices = {}
+    for world, accum in [(2, 1), (4, 1), (1, 2), (2, 2), (1, 4), (4, 2)]:
+        many, groups = global_batches(world, accum)
+        for k in range(steps):
+            assert set(many[k]) == set(one[k]), f"step {k}: different files on {world} processes x {accum}"
+            assert all(torch.equal(many[k][f], one[k][f]) for f in one[k]), f"step {k}: different augmentation"
+        groups_by_slices.setdefault(world * accum, []).append(groups)
+    for slices, seen in groups_by_slices.items():
+        assert all(g == seen[0] for g in seen), f"BatchNorm groups differ among splits into {slices} micro-batches"

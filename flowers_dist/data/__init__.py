@@ -51,8 +51,11 @@ def dali_status() -> tuple[bool, str]:
 
 
 def build_loader(cfg: DataConfig, split: Split, *, train: bool, batch_per_rank: int, placement: Placement, seed: int,
-                 max_steps: int = 0, resume_state: str | None = None) -> BatchLoader:
+                 max_steps: int = 0, resume_state: str | None = None, accum: int = 1) -> BatchLoader:
     """The loader that cfg.loader names (auto: DALI when it imports, else PyTorch), behind the one contract.
+
+    `batch_per_rank` is the micro-batch; training yields `accum` of them per optimizer step (the
+    PyTorch loader deals each global batch as contract.train_shard says; `max_steps` counts micro-batches).
 
     `resume_state` is what this rank's loader returned from `resume_state()` when the run was saved.
     """
@@ -72,4 +75,4 @@ def build_loader(cfg: DataConfig, split: Split, *, train: bool, batch_per_rank: 
         return build_dali_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps, resume_state)
     from .torch_loader import build_torch_loader
 
-    return build_torch_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps)
+    return build_torch_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps, accum)

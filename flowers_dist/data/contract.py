@@ -19,6 +19,8 @@ import torch
 class BatchLoader(Protocol):
     num_samples: int
     """Samples this process sees per epoch (before any corrupt file is skipped)."""
+    kind: str
+    """Which loader this is ("torch", "dali"): what data.loader=auto chose, for the run's record."""
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """The next iteration yields epoch `epoch` from its batch `skip` on (`len()` - skip batches)."""
@@ -48,20 +50,26 @@ class Placement:
     workers: int = 0
 
 
-def train_shard(num_files: int, batch_per_rank: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's training batches for one epoch.
+def train_shard(num_files: int, batch_per_rank: int, rank: int, world_size: int, seed: int, epoch: int,
+                accum: int = 1) -> list[list[int]]:
+    """This rank's training (micro-)batches for one epoch, `accum` per optimizer step.
 
     One permutation of all files, seeded by (seed, epoch) and therefore the same on every
-    rank, is cut into full global batches; the tail that does not fill one is dropped so
-    every rank runs the same number of steps (a rank with fewer would hang the all-reduce).
-    Rank r takes every world_size-th file of each global batch.
+    rank, is cut into full global batches of batch_per_rank x world_size x accum files; the
+    tail that does not fill one is dropped so every rank runs the same number of steps (a rank
+    with fewer would hang the all-reduce). Each global batch is dealt into world_size x accum
+    slices, every (world_size x accum)-th file; rank r's micro-batch j is slice j x world_size + r.
+    So a global batch holds the same files at any world size, and its slices, the groups
+    BatchNorm normalises over without sync_bn, are the same whenever world_size x accum is.
     """
     order = list(range(num_files))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    global_batch = batch_per_rank * world_size
+    slices = world_size * accum
+    global_batch = batch_per_rank * slices
     batches = []
     for start in range(0, num_files - global_batch + 1, global_batch):
-        batches.append(order[start + rank : start + global_batch : world_size])
+        for micro in range(accum):
+            batches.append(order[start + micro * world_size + rank : start + global_batch : slices])
     return batches
 
 

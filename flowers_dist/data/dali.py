@@ -11,11 +11,11 @@ yields `num_files // (batch_per_rank * world_size)` full batches per epoch, as `
 does, so no rank waits for another in the all-reduce.
 
 Differences from the PyTorch loader, by design:
-- The epoch order is the reader's own sequence of permutations; it does not depend on
-  `train.seed` (measured: DALI seeds shuffle_after_epoch with a constant plus the epoch), and
-  `set_epoch` only records the epoch. To resume exactly, the loop saves each rank's DALI
-  checkpoint (`resume_state()`, reader position and random generators) with the run and
-  rebuilds the pipeline from it; a resume on a different number of processes starts afresh.
+- The epoch order is the reader's own sequence of permutations, applied to the file list
+  permuted by `train.seed` (DALI seeds shuffle_after_epoch with a constant plus the epoch, so
+  its `seed` cannot change the order; measured); `set_epoch` only records the epoch. To
+  resume exactly, the loop saves each rank's DALI checkpoint (`resume_state()`, reader
+  position and random generators) with the run and rebuilds the pipeline from it; a resume on a different number of processes starts afresh.
 - Augmentation is drawn per rank (pipeline seed from seed and rank), not per file.
 - A file DALI cannot decode would stop the run; the data check before training and evaluation
   (data/usable.py) leaves such files out, so only data.check=false, or a file changed after the
@@ -31,6 +31,7 @@ Every batch is torch's own memory (`exec_dynamic=False`, see `OWN_THE_BATCH`).
 from __future__ import annotations
 
 import logging
+import random
 from typing import Callable, Iterator
 
 import torch
@@ -76,6 +77,13 @@ def _reader(files: list[str], labels: list[int], shard_id: int, num_shards: int,
     # the whole list identically on every rank, so shards never overlap; without shuffling,
     # each rank keeps its shard. (DROP without padding drifts across epochs: files repeat
     # within an epoch on many shard and batch sizes; seen.)
+    if shuffle:
+        # shuffle_after_epoch draws the same permutations of list positions whatever the reader's
+        # seed (measured on DALI 2.4: each epoch's order is a fixed permutation of the list given).
+        # Permuting the list itself by the seed, identically on every rank, makes the order follow it.
+        order = list(range(len(files)))
+        random.Random(reader_seed).shuffle(order)
+        files, labels = [files[i] for i in order], [labels[i] for i in order]
     return fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                            shuffle_after_epoch=shuffle, random_shuffle=False, seed=reader_seed,
                            pad_last_batch=True, stick_to_shard=not shuffle, name=READER)
@@ -249,6 +257,8 @@ class DaliLoader:
     max_steps_per_epoch, `cut` builds a pipeline per epoch that holds only the files it yields,
     so there is nothing to drain. Evaluation yields every batch; a rank's last can be empty.
     """
+
+    kind = "dali"
 
     def __init__(self, pipeline, *, train: bool, steps: int, num_samples: int, placement: Placement, split: Split,
                  restored: bool = False, cut: _CutEpochs | None = None):

@@ -99,17 +99,18 @@ def collate_skipping(items, size: int):
 
 
 class _EpochBatches:
-    """Batch sampler whose batches come from a pure function of the epoch."""
+    """Batch sampler whose batches come from a pure function of the epoch; `length` batches every epoch."""
 
-    def __init__(self, make: Callable[[int], list[list[int]]]):
-        self.make, self.epoch, self.skip = make, 0, 0
+    def __init__(self, make: Callable[[int], list[list[int]]], length: int):
+        self.make, self.epoch, self.skip, self.length = make, 0, 0, length
 
     def __iter__(self):
         for batch in self.make(self.epoch)[self.skip:]:
             yield [(i, self.epoch) for i in batch]
 
     def __len__(self) -> int:
-        return len(self.make(self.epoch))
+        # Counted, not made: the loop asks every step, and making the epoch shuffles every file.
+        return self.length
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -122,6 +123,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 class TorchLoader:
     """DataLoader over one split, sharded by global rank, yielding the loader contract."""
+
+    kind = "torch"
 
     def __init__(self, dataset: ImageFiles, batches: _EpochBatches, normalize: DeviceNormalizer, placement: Placement,
                  image_size: int):
@@ -171,17 +174,22 @@ class TorchLoader:
             yield pending
 
 
-def build_torch_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement, seed: int, max_steps: int = 0) -> TorchLoader:
+def build_torch_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement, seed: int, max_steps: int = 0,
+                       accum: int = 1) -> TorchLoader:
     p = placement
     if train:
         def make(epoch: int) -> list[list[int]]:
-            batches = train_shard(len(split), batch_per_rank, p.rank, p.world_size, seed, epoch)
+            batches = train_shard(len(split), batch_per_rank, p.rank, p.world_size, seed, epoch, accum)
             return batches[:max_steps] if max_steps else batches
+        length = len(split) // (batch_per_rank * p.world_size * accum) * accum  # train_shard's micro-batches
+        length = min(length, max_steps) if max_steps else length
         transform = train_transform(cfg)
     else:
         def make(epoch: int) -> list[list[int]]:
             return eval_shard(len(split), batch_per_rank, p.rank, p.world_size)
+        mine = len(range(p.rank, len(split), p.world_size))  # eval_shard's files of this rank
+        length = -(-mine // batch_per_rank)
         transform = eval_transform(cfg)
     # Each file's augmentation depends on (seed, epoch, file), not on the rank that reads it.
     dataset = ImageFiles(split, transform, seed, cfg.max_pixels)
-    return TorchLoader(dataset, _EpochBatches(make), DeviceNormalizer(cfg.mean, cfg.std, p), p, cfg.image_size)
+    return TorchLoader(dataset, _EpochBatches(make, length), DeviceNormalizer(cfg.mean, cfg.std, p), p, cfg.image_size)
