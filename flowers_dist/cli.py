@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(str(exc)) from None
     except USER_ERRORS as exc:
         print(f"flowers-dist: error: {exc}", file=sys.stderr)
+        if os.environ.get("FLOWERS_DIST_ERROR_FILE") and os.environ.get("RANK", "0") == "0":
+            # launch/*.sh print it again after the launcher's traceback, as the last line.
+            Path(os.environ["FLOWERS_DIST_ERROR_FILE"]).write_text(f"flowers-dist: error: {exc}\n")
         return 2
     return 0
 
