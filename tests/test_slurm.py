@@ -9,8 +9,6 @@ with other test runs, so they are rough.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,6 +66,11 @@ def explain(cluster: Cluster, out: Path, name: str, job_id: int) -> str:
     return f"--- {name}-{job_id}.out\n{job_out(out, name, job_id)[-6000:]}\n--- job\n{cluster.job(job_id)}\n{cluster.logs(25)}"
 
 
+def only_run(out: Path) -> Path:
+    (run,) = (out / "runs").iterdir()
+    return run
+
+
 def weights(run_dir: Path) -> dict:
     from flowers_dist import checkpoint
 
@@ -108,8 +111,7 @@ def two_node_run(cluster, tmp_path_factory):
 def test_one_process_job_trains_to_the_end(one_process_run):
     out, job_id, info, why = one_process_run
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", why
-    run = out / "runs" / f"one-{job_id}"  # the default run name under SLURM: job name and id
-    records = metrics(run)
+    records = metrics(only_run(out))
     assert records[0]["event"] == "start" and records[0]["world_size"] == 1, why
     assert records[-1]["event"] == "end", why
     assert "1 process, no launcher" in job_out(out, "one", job_id)
@@ -118,7 +120,7 @@ def test_one_process_job_trains_to_the_end(one_process_run):
 def test_two_node_job_trains_to_the_end(two_node_run):
     out, job_id, info, why = two_node_run
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", why
-    records = metrics(out / "runs" / f"two-{job_id}")
+    records = metrics(only_run(out))
     assert records[0]["event"] == "start" and records[0]["world_size"] == 2, why
     assert records[-1]["event"] == "end", why
     assert "2 nodes x 1 processes = 2" in job_out(out, "two", job_id)
@@ -177,7 +179,7 @@ def test_preemption_checkpoints_requeues_and_resumes_bit_identically(cluster, tw
     why = explain(cluster, tmp_path, "pre", job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", why
     _assert_preempted_then_resumed(run, job_out(tmp_path, "pre", job_id), why)
-    assert_same_weights(ref_out / "runs" / f"two-{ref_id}", run)
+    assert_same_weights(only_run(ref_out), run)
 
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically(cluster, one_process_run, tmp_path):
@@ -206,7 +208,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically(clu
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", why
     run = tmp_path / "runs" / f"lim-{job_id}"
     _assert_preempted_then_resumed(run, job_out(tmp_path, "lim", job_id), why)
-    assert_same_weights(ref_out / "runs" / f"one-{ref_id}", run)
+    assert_same_weights(only_run(ref_out), run)
 
 
 def _assert_preempted_then_resumed(run: Path, out: str, why: str) -> None:
