@@ -78,7 +78,16 @@ class Cluster:
         return ["nsenter", f"--net=/run/netns/{self.namespace}", "unshare", "--mount", "--propagation", "slave", "sh", "-c", _ENTER, "sh"]
 
     def run(self, cmd: list[str], env: dict | None = None, timeout: float = 60, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        proc = subprocess.run([*self.prefix(), *cmd], env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout, **kwargs)
+        """Run to the end; past `timeout` its whole process group is killed (a launcher's children included)."""
+        with subprocess.Popen([*self.prefix(), *cmd], env={**self.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True, **kwargs) as child:
+            try:
+                out, err = child.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.communicate()
+                raise
+        proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stdout}{proc.stderr}\n{self.logs()}")
         return proc
