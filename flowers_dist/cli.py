@@ -11,7 +11,8 @@ from pathlib import Path
 
 # Only light imports here: torch and timm load with the command that needs them.
 # Errors a user can fix get one line, not a traceback.
-from .errors import USER_ERRORS, ConfigError, DataError
+from .errors import (EXIT_DISK, EXIT_HUNG, EXIT_PREEMPTED, EXIT_USER_ERROR, USER_ERRORS, ConfigError, DataError, DiskError,
+                     HungError, PreemptedError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,12 +125,21 @@ def main(argv: list[str] | None = None) -> int:
                 fetch_flowers(args.dest, val_fraction=args.val_fraction, seed=args.seed, keep_archive=args.keep_archive, **kwargs)
             except FetchError as exc:
                 raise DataError(str(exc)) from None
+    except PreemptedError as exc:
+        print(f"flowers-dist: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except HungError as exc:
+        print(f"flowers-dist: error: {exc}", file=sys.stderr)
+        return EXIT_HUNG
+    except DiskError as exc:
+        print(f"flowers-dist: error: {exc}", file=sys.stderr)
+        return EXIT_DISK
     except USER_ERRORS as exc:
         print(f"flowers-dist: error: {exc}", file=sys.stderr)
         if os.environ.get("FLOWERS_DIST_ERROR_FILE") and os.environ.get("RANK", "0") == "0":
             # launch/*.sh print it again after the launcher's traceback, as the last line.
             Path(os.environ["FLOWERS_DIST_ERROR_FILE"]).write_text(f"flowers-dist: error: {exc}\n")
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -129,9 +129,24 @@ class TrainConfig:
     output_dir: str = "runs"
     """Folder that holds one sub-folder per run."""
     name: str = ""
-    """Run name; empty = config name plus a timestamp."""
+    """Run name; empty = under SLURM `<job name>-<job id>`, else config name, timestamp and a random tag."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Progress bar (`bar`), one line per epoch (`lines`), or bar only on a terminal (`auto`)."""
+    resume: Literal["auto", "never"] = "auto"
+    """`auto`: a run folder holding a checkpoint that verifies is resumed, one holding none is started (the same
+    command serves the first start and every requeue); `never`: an existing run folder is an error."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every this many optimizer steps, mid-epoch (0 = only at epoch ends and on a stop signal)."""
+    checkpoint_every_minutes: float = 0.0
+    """Also checkpoint when this many minutes have passed since the last checkpoint (0 = off)."""
+    keep_checkpoints: int = 2
+    """Checkpoint files kept besides last.pt and best.pt (the newest step-*.pt; older ones are deleted)."""
+    stop_check_every: int = 10
+    """Steps between the ranks' agreement on stop signals, time-based checkpoints and failed writes (one small all-reduce)."""
+    collective_timeout: float = 600.0
+    """Seconds a collective (all-reduce, broadcast) may wait for a peer before the run fails (handed to the process group)."""
+    watchdog: float = 900.0
+    """Seconds without a finished training step or eval batch before a rank gives up with exit code 69 (0 = off)."""
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -140,6 +155,12 @@ class TrainConfig:
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", f"must be >= 0, got {self.max_steps_per_epoch}")
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _check("/" not in self.name, "train.name", f"must not contain '/', got {self.name!r}")
+        _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", f"must be >= 0, got {self.checkpoint_every_steps}")
+        _check(self.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", f"must be >= 0, got {self.checkpoint_every_minutes}")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(self.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {self.stop_check_every}")
+        _check(self.collective_timeout > 0, "train.collective_timeout", f"must be > 0 seconds, got {self.collective_timeout}")
+        _check(self.watchdog >= 0, "train.watchdog", f"must be >= 0 seconds (0 = off), got {self.watchdog}")
 
 
 @dataclass

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from .config import ConfigError
 from .data import Placement, default_workers
 
 
-def make_accelerator(device: str, mixed_precision: str, log_with: str | None = None, compile_model: bool = False) -> Accelerator:
+def make_accelerator(device: str, mixed_precision: str, log_with: str | None = None, compile_model: bool = False,
+                     collective_timeout: float | None = None) -> Accelerator:
     """The Accelerator for this process: CPU or GPU, precision, trackers, and torch.compile when asked.
 
     compile_model=False leaves the choice to Accelerate's own setting (`accelerate launch
-    --dynamo_backend`, ACCELERATE_DYNAMO_BACKEND), off by default.
+    --dynamo_backend`, ACCELERATE_DYNAMO_BACKEND), off by default. collective_timeout (seconds)
+    bounds every collective's wait for a peer (torch's default is 30 minutes on gloo).
     """
     use_cpu = device == "cpu" or not torch.cuda.is_available()
     if use_cpu and mixed_precision == "fp16":
@@ -23,8 +27,9 @@ def make_accelerator(device: str, mixed_precision: str, log_with: str | None = N
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on the CPU")
     # cpu=True is what makes several CPU processes form one gloo group; without it every
     # process on a GPU-less host believes it is rank 0 of 1.
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))] if collective_timeout else []
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, log_with=log_with,
-                              dynamo_backend="inductor" if compile_model else None)
+                              dynamo_backend="inductor" if compile_model else None, kwargs_handlers=handlers)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"launched {launched} processes but Accelerate formed a world of {accelerator.num_processes}; on the CPU launch with `accelerate launch --multi_gpu --num_processes N` (not --cpu)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +13,11 @@ from .data.contract import BatchLoader
 
 
 @torch.no_grad()
-def local_counts(model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device) -> torch.Tensor:
+def local_counts(model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device,
+                 on_batch: Callable[[], None] | None = None) -> torch.Tensor:
     """Summed loss, then the confusion matrix (row = true, column = predicted), for this process's shard.
 
+    `on_batch` is called after each batch (the training loop's watchdog heartbeat).
     Returned as one flat float64 tensor so the caller can sum it over processes in one call;
     float64 keeps counts exact far past any data-set size.
     """
@@ -29,6 +32,8 @@ def local_counts(model: nn.Module, loader: BatchLoader, num_classes: int, device
         # index_add_, not bincount: CUDA's bincount reads the largest index back to the host (a sync per batch).
         cells = labels * num_classes + logits.argmax(1)
         confusion.index_add_(0, cells, torch.ones_like(cells, dtype=torch.float64))
+        if on_batch is not None:
+            on_batch()
     return torch.cat([loss_sum.view(1), confusion])
 
 

@@ -1,4 +1,4 @@
-"""Everything only the main process does: the run folder, metrics, W&B, checkpoints, console and progress.
+"""Everything only the main process does: the run folder's records, metrics, W&B, console and progress.
 
 Every rank holds a Recorder and calls it the same way; on the other ranks each call does
 nothing. This keeps `if is_main` out of the training loop.
@@ -21,9 +21,9 @@ from typing import Any, Iterable
 
 import torch
 
-from . import checkpoint
 from . import tracking
 from .config import Config, TrackingConfig, dump
+from .errors import DiskError
 
 
 def environment(world_size: int, num_nodes: int, device: torch.device) -> dict[str, Any]:
@@ -67,7 +67,6 @@ class Recorder:
         self._wandb = is_main and accelerator is not None and tracking_cfg is not None and wandb_mode != "disabled"
         self._wandb_mode = wandb_mode
         self._classes: list[str] = []
-        self._writer = checkpoint.BackgroundWriter()
 
     def continue_clock(self, elapsed: float) -> None:
         """After a resume, count run time on from where the checkpoint left it (training time, not wall time between)."""
@@ -78,22 +77,18 @@ class Recorder:
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def start(self, cfg: Config, classes: Iterable[str], env: dict[str, Any], start_epoch: int, resumed: bool) -> None:
+    def start(self, cfg: Config, classes: Iterable[str], env: dict[str, Any], start_epoch: int, resumed: bool,
+              start_step: int = 0) -> None:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.checkpoint_dir.glob(".*.tmp-*"):  # a write cut short by a kill
-            stale.unlink()
+        self.repair_metrics()
         dump(cfg, self.run_dir / "config.yaml")
         (self.run_dir / "classes.json").write_text(json.dumps(list(classes), indent=1) + "\n")
         (self.run_dir / "environment.json").write_text(json.dumps(env, indent=1) + "\n")
         # A killed run can have logged an epoch whose checkpoint never landed; it is trained again
         # after a resume, and readers keep the last record of each epoch.
-        self.log({"event": "resume" if resumed else "start", "from_epoch": start_epoch,
+        self.log({"event": "resume" if resumed else "start", "from_epoch": start_epoch, "from_step": start_step,
                   "world_size": env["world_size"], "devices": env["devices"]})
         self._classes = list(classes)
         if self._wandb:
@@ -120,8 +115,10 @@ class Recorder:
             self._accelerator.log(tracking.epoch_values(record, self._classes), step=record["step"])
 
     def finish(self, record: dict[str, Any] | None = None) -> None:
-        """The `end` record (also the W&B summary), then close the trackers. Every rank calls this."""
-        self._writer.wait()  # the last checkpoint is on disk before the run says it has ended
+        """The `end` record (also the W&B summary), then close the trackers. Every rank calls this.
+
+        Without a record (a stopped run) W&B is still closed, so what it logged is flushed to disk.
+        """
         if self.is_main and record is not None:
             self.log({"event": "end", **record})
             if self._wandb:
@@ -131,21 +128,44 @@ class Recorder:
             self._accelerator.end_training()
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line and push it to disk: a crash loses at most the line being written."""
-        if not self.is_main:
-            return
-        record = {"time": round(time.time(), 3), **record}
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        """Append one JSON line and push it to disk, whole or not at all.
 
-    def save_checkpoint(self, state: dict[str, Any], is_best: bool) -> None:
-        """last.pt (and best.pt) written in the background from a copy taken now (see BackgroundWriter)."""
+        The line goes out in one write on an O_APPEND descriptor; if the write fails or is short
+        (a full disk), the file is cut back to where it was, so no half line is ever left for the
+        next record to be glued onto, and the failure is a one-line DiskError.
+        """
         if not self.is_main:
             return
-        paths = [self.checkpoint_dir / "last.pt"] + ([self.checkpoint_dir / "best.pt"] if is_best else [])
-        self._writer.save(state, paths)
+        line = (json.dumps({"time": round(time.time(), 3), **record}) + "\n").encode()
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(28, "No space left on device (short write)")
+                os.fsync(fd)
+            except OSError as exc:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise DiskError(f"cannot write {self.metrics_path}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+
+    def repair_metrics(self) -> None:
+        """Drop a torn last line (a run killed mid-write before lines were written whole), with a warning."""
+        path = self.metrics_path
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+        self.print(f"warning: {path}: dropped a torn last line ({len(data) - keep} bytes) left by an interrupted write")
 
     # -- console ----------------------------------------------------------------------------
     def print(self, message: str) -> None:

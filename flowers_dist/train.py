@@ -1,30 +1,45 @@
-"""The training loop: the one place where distribution and precision are handled."""
+"""The training loop: the one place where distribution and precision are handled.
+
+`train()` reads as the run's phases: `setup` (process group, run folder, model, loaders,
+resume), then per epoch `train_epoch` and `end_epoch` (evaluation, record, checkpoint), then
+`finish`. What a checkpoint holds, when it is written and which one a resume reads belong to
+the CheckpointManager (checkpointing.py); everything only the main process does goes through
+the Recorder (recorder.py).
+
+A stop signal (SIGUSR1/SIGTERM) reaches some ranks or all; every `train.stop_check_every`
+steps the ranks agree in one small all-reduce, finish the step, checkpoint the position
+inside the epoch and exit with EXIT_PREEMPTED. A resume continues from that very step.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, is_compiled_module, set_seed
 
-from . import checkpoint
+from . import checkpoint, errors
+from .checkpointing import CheckpointManager, Claim, Position, Progress, default_run_name
 from .config import Config, ConfigError, OptimConfig, TrainConfig
-from .data import build_loader, scan_dataset
+from .data import BatchLoader, build_loader, scan_dataset
 from .distributed import make_accelerator, num_nodes, placement
+from .errors import DiskError, HungError, PreemptedError
 from .evaluate import EvalResult, local_counts
 from .model import build_model
+from .preemption import StopSignals
 from .recorder import Recorder, environment
 from .schedule import lr_at
 from .tracking import resolve_mode
+from .watchdog import Watchdog
 
-
-def _run_dir(cfg: Config, config_name: str) -> Path:
-    name = cfg.train.name or f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.train.output_dir) / name
+# Layout of the per-rank running sums, one float64 device tensor so that one reduce sums them all.
+LOSS_SUM, CORRECT, COUNT = 0, 1, 2
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -77,11 +92,75 @@ def step_counts(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) 
     return torch.stack([loss.detach().double() * n, correct, correct.new_full((), n)])
 
 
+class _Stopped(Exception):
+    """The ranks agreed to stop (a signal); the checkpoint of the position is written."""
+
+    def __init__(self, signal_name: str, position: Position):
+        super().__init__(signal_name)
+        self.signal_name, self.position = signal_name, position
+
+
+@dataclass
+class Run:
+    """What the phases of one run share; built by `setup`."""
+
+    cfg: Config
+    accelerator: Accelerator
+    rec: Recorder
+    ckpt: CheckpointManager
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: BatchLoader
+    val_loader: BatchLoader
+    classes: list[str]
+    progress: Progress
+    signals: StopSignals
+    dog: Watchdog
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def bare(self) -> torch.nn.Module:
+        # The model itself, without DDP's or torch.compile's wrapper: a compiled module's
+        # state_dict prefixes every key with `_orig_mod.`, which eval, predict and resume
+        # would not recognise. (Accelerate compiles when model.compile or its own dynamo setting asks.)
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+
 def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> Path:
     """Train (or resume) one run; returns its run folder. Every process calls this."""
+    with StopSignals() as signals:  # from the start: a signal during set-up stops the run at its first check
+        run = setup(cfg, config_name, resume, signals)
+        try:
+            with run.dog, _peer_failures(run.accelerator.process_index, cfg.train.collective_timeout):
+                start = run.progress.position.epoch
+                if start >= cfg.train.epochs:
+                    run.rec.print(f"run already complete ({start} of {cfg.train.epochs} epochs); raise train.epochs to continue")
+                    run.rec.finish()
+                    return run.ckpt.run_dir
+                try:
+                    for epoch in range(start, cfg.train.epochs):
+                        sums, train_time = train_epoch(run, epoch)
+                        end_epoch(run, epoch, sums, train_time)
+                except _Stopped as stop:
+                    _stop(run, stop)
+                finish(run)
+        finally:
+            run.ckpt.close()
+    return run.ckpt.run_dir
+
+
+# -- set-up -------------------------------------------------------------------------------------
+def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSignals) -> Run:
     wandb_mode = resolve_mode(cfg.tracking)
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision,
-                                   log_with=None if wandb_mode == "disabled" else "wandb", compile_model=cfg.model.compile)
+                                   log_with=None if wandb_mode == "disabled" else "wandb", compile_model=cfg.model.compile,
+                                   collective_timeout=cfg.train.collective_timeout)
     world = accelerator.num_processes
     batch_per_rank = batch_per_process(cfg.train, world)
 
@@ -90,143 +169,264 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None) -> 
     if len(train_split) < cfg.train.global_batch_size:
         raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} is more than the {len(train_split)} training images")
 
-    # All ranks must agree on the folder even if their clocks tick over between them.
-    run_dir = [resume if resume is not None else _run_dir(cfg, config_name)]
-    broadcast_object_list(run_dir)
-    run_dir = Path(run_dir[0])
-    if resume is None and (run_dir / "checkpoints").exists():
-        raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass --resume {run_dir} or choose another train.name")
-    rec = Recorder(run_dir, accelerator.is_main_process, cfg.train.progress, accelerator, cfg.tracking, wandb_mode)
+    ckpt, claim = claim_run_folder(accelerator, cfg, config_name, resume)
+    try:
+        rec = Recorder(ckpt.run_dir, accelerator.is_main_process, cfg.train.progress, accelerator, cfg.tracking, wandb_mode)
+        set_seed(cfg.train.seed)  # same new-head initialisation on every rank
+        with accelerator.main_process_first():  # one download into the cache, the other ranks read it
+            model = build_model(cfg.model, len(classes))
+        optimizer = build_optimizer(cfg.optim, model)
+        progress = Progress()
+        if claim.resume_from is not None:
+            state = checkpoint.load(claim.resume_from)
+            if state["classes"] != classes:
+                raise ConfigError(f"the classes in {cfg.data.root} differ from those the run was trained on ({state['classes']})")
+            progress = ckpt.restore(state, model, optimizer, accelerator.process_index, world)
+            rec.continue_clock(progress.elapsed)
+        model, optimizer = accelerator.prepare(model, optimizer)
 
-    set_seed(cfg.train.seed)  # same new-head initialisation on every rank
-    with accelerator.main_process_first():  # one download into the cache, the other ranks read it
-        model = build_model(cfg.model, len(classes))
-    optimizer = build_optimizer(cfg.optim, model)
-    start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1, "time_to_target": None}
-    loader_state = None
-    if resume is not None:
-        state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-        if state["classes"] != classes:
-            raise ConfigError(f"the classes in {cfg.data.root} differ from those the run was trained on ({state['classes']})")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best = state["epoch"] + 1, {"time_to_target": None, **state["best"]}
-        rec.continue_clock(state.get("elapsed", 0.0))
-        checkpoint.set_rng_state(state["rng"])
-        # Per-rank loader positions only mean something for the same shards, i.e. the same world size.
-        saved = state.get("loader_states") or []
-        if state.get("world_size") == world and len(saved) == world:
-            loader_state = saved[accelerator.process_index]
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-
-    def bare(prepared: torch.nn.Module) -> torch.nn.Module:
-        # The model itself, without DDP's or torch.compile's wrapper: a compiled module's
-        # state_dict prefixes every key with `_orig_mod.`, which eval, predict and resume
-        # would not recognise. (Accelerate compiles when model.compile or its own dynamo setting asks.)
-        return accelerator.unwrap_model(prepared, keep_torch_compile=False)
-
-    place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
-    train_loader = build_loader(cfg.data, train_split, train=True, batch_per_rank=batch_per_rank, placement=place,
-                                seed=cfg.train.seed, max_steps=cfg.train.max_steps_per_epoch, resume_state=loader_state)
-    val_loader = build_loader(cfg.data, val_split, train=False, batch_per_rank=cfg.train.eval_batch_size,
-                              placement=place, seed=cfg.train.seed)
-
-    rec.start(cfg, classes, environment(world, num_nodes(accelerator), device), start_epoch, resumed=resume is not None)
-    rec.print(f"run {run_dir}: {len(train_split)} train / {len(val_split)} val images, {len(classes)} classes, "
-              f"{world} process(es) on {device.type}, global batch {cfg.train.global_batch_size}, "
+        place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
+        train_loader = build_loader(cfg.data, train_split, train=True, batch_per_rank=batch_per_rank, placement=place,
+                                    seed=cfg.train.seed, max_steps=cfg.train.max_steps_per_epoch, resume_state=progress.loader_state)
+        val_loader = build_loader(cfg.data, val_split, train=False, batch_per_rank=cfg.train.eval_batch_size,
+                                  placement=place, seed=cfg.train.seed)
+    except BaseException:
+        ckpt.close()
+        raise
+    pos = progress.position
+    rec.start(cfg, classes, environment(world, num_nodes(accelerator), accelerator.device), pos.epoch,
+              resumed=claim.resume_from is not None, start_step=pos.step)
+    for note in claim.notes:
+        rec.print(f"warning: {note}")
+    rec.print(f"run {ckpt.run_dir}: {len(train_split)} train / {len(val_split)} val images, {len(classes)} classes, "
+              f"{world} process(es) on {accelerator.device.type}, global batch {cfg.train.global_batch_size}, "
               f"{len(train_loader)} steps/epoch, precision {cfg.train.mixed_precision}"
-              + (f", torch.compile ({accelerator.state.dynamo_plugin.backend.value.lower()})" if is_compiled_module(model) else ""))
-    if start_epoch >= cfg.train.epochs:
-        rec.print(f"run already complete ({start_epoch} of {cfg.train.epochs} epochs); raise train.epochs to continue")
-        rec.finish()
-        return run_dir
+              + (f", torch.compile ({accelerator.state.dynamo_plugin.backend.value.lower()})" if is_compiled_module(model) else "")
+              + (f"; resumed from {Path(claim.resume_from).name} at epoch {pos.epoch + 1} step {pos.step}" if claim.resume_from else ""))
+    return Run(cfg, accelerator, rec, ckpt, model, optimizer, train_loader, val_loader, classes, progress, signals,
+               Watchdog(cfg.train.watchdog, accelerator.process_index))
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        lr = lr_at(cfg.optim, epoch, cfg.train.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_loader.set_epoch(epoch)
-        model.train()
-        # Running sums stay on the device; reading them back is a sync, so it happens only every log_every steps.
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
-        rec.epoch_bar(len(train_loader), epoch, cfg.train.epochs)
-        epoch_start = last_log = step_end = time.perf_counter()
-        logged_sums, data_wait = sums.clone(), 0.0
-        for step, (images, labels) in enumerate(train_loader, 1):
-            data_wait += time.perf_counter() - step_end  # host time blocked on the loader for this batch
-            logits, loss = train_step(model, optimizer, images, labels, accelerator.backward)
-            sums += step_counts(loss, logits, labels)
-            if step % cfg.train.log_every == 0 or step == len(train_loader):
-                # On CUDA the host runs ahead of the device, so a clock read without a sync times kernel
-                # launches, not work. Syncing every step would stall the queue; once per interval makes the
-                # interval's wall time honest at a negligible cost.
-                sync(device)
-                now = time.perf_counter()
-                done = step % cfg.train.log_every or cfg.train.log_every
-                interval = max(now - last_log, 1e-9)
-                window = (sums - logged_sums).tolist()  # this rank's loss * n, correct, n since the last log
-                images_per_s = done * cfg.train.global_batch_size / interval
-                window_loss = window[0] / max(window[2], 1)
-                rec.advance(done, window_loss, images_per_s)
-                rec.log_step({
-                    "step": epoch * len(train_loader) + step, "epoch": epoch, "lr": lr,
-                    "loss": window_loss, "images_per_s": images_per_s,
-                    "images_per_s_per_process": images_per_s / world, "step_time": interval / done,
-                    "data_wait_fraction": min(data_wait / interval, 1.0), "elapsed": now - rec.started,
-                })
-                last_log, logged_sums, data_wait = now, sums.clone(), 0.0
-            step_end = time.perf_counter()
-        sync(device)
-        train_time = time.perf_counter() - epoch_start
-        rec.close_bar()
 
-        train_sums = accelerator.reduce(sums, reduction="sum").cpu()
-        # DDP keeps parameters in step but each rank's BatchNorm running statistics come from its
-        # own last batches; average them so every rank evaluates, and saves, the same model.
-        if world > 1:
-            for buffer in bare(model).buffers():
-                if buffer.is_floating_point():
-                    buffer.copy_(accelerator.reduce(buffer.detach().clone(), reduction="mean"))
-        with accelerator.autocast():
-            # Without DDP's wrapper (no collectives in evaluation), with torch.compile's if there is one.
-            counts = local_counts(accelerator.unwrap_model(model), val_loader, len(classes), device)
-        val = EvalResult.from_counts(accelerator.reduce(counts, reduction="sum"), len(classes))
-        epoch_time = time.perf_counter() - epoch_start
+def claim_run_folder(accelerator: Accelerator, cfg: Config, config_name: str, resume: Path | None) -> tuple[CheckpointManager, Claim]:
+    """The main process claims the folder (lock, start or resume); every rank learns the outcome, errors included."""
+    manager = None
+    if accelerator.is_main_process:
+        try:
+            claim, manager = CheckpointManager.claim(cfg.train.output_dir, cfg.train.name or default_run_name(config_name),
+                                                     cfg.train.resume, resume, cfg.train)
+        except errors.USER_ERRORS as exc:
+            claim = Claim("", error=(type(exc).__name__, str(exc)))
+        box = [claim]
+    else:
+        box = [None]
+    broadcast_object_list(box)  # the other ranks would otherwise wait here for a folder that never comes
+    claim = box[0]
+    if claim.error is not None:
+        raise getattr(errors, claim.error[0])(claim.error[1])
+    return manager or CheckpointManager(Path(claim.run_dir), cfg.train, is_main=False), claim
 
-        seen = float(train_sums[2])
-        is_best = val.accuracy > best["val_acc"]
-        if is_best:
-            best = {**best, "val_acc": val.accuracy, "epoch": epoch}
-        elapsed = time.perf_counter() - rec.started
-        if best["time_to_target"] is None and val.accuracy >= cfg.tracking.target_accuracy:
-            best["time_to_target"] = elapsed
-        record = {
-            "step": (epoch + 1) * len(train_loader), "epoch": epoch, "lr": lr,
-            "train_loss": float(train_sums[0]) / max(seen, 1), "train_acc": float(train_sums[1]) / max(seen, 1),
-            "train_images": int(seen), "val_loss": val.loss, "val_acc": val.accuracy, "val_count": val.count,
-            "val_per_class": dict(zip(classes, val.per_class_accuracy())), "val_confusion": val.confusion,
-            "images_per_s": seen / train_time, "train_time": train_time, "epoch_time": epoch_time,
-            "elapsed": elapsed,
-        }
-        rec.log_epoch(record)
-        rec.print(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  lr {lr:.2e}  train loss {record['train_loss']:.4f} "
+
+# -- one epoch of training ----------------------------------------------------------------------
+def train_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
+    """Train one epoch (or its rest, after a mid-epoch resume).
+
+    Returns this rank's (loss x n, correct, n, n trained by this attempt) and the training time.
+    """
+    cfg, device = run.cfg.train, run.device
+    steps = len(run.train_loader)
+    resumed_here = run.progress.position.epoch == epoch and run.progress.position.step > 0
+    skip = run.progress.position.step if resumed_here else 0
+    lr = lr_at(run.cfg.optim, epoch, cfg.epochs)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.train_loader.set_epoch(epoch, skip)
+    run.model.train()
+    # Running sums stay on the device; reading them back is a sync, so it happens only every log_every steps.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    if resumed_here and run.progress.epoch_sums is not None:
+        sums += torch.tensor(run.progress.epoch_sums, dtype=torch.float64, device=device)
+    restored = sums.clone()
+    window = _Window(run, epoch, steps, lr, sums)
+    run.rec.epoch_bar(steps, epoch, cfg.epochs)
+    run.rec.advance(skip)
+    epoch_start = step_end = time.perf_counter()
+    for step, (images, labels) in enumerate(run.train_loader, skip + 1):
+        window.data_wait += time.perf_counter() - step_end  # host time blocked on the loader for this batch
+        logits, loss = train_step(run.model, run.optimizer, images, labels, run.accelerator.backward)
+        sums += step_counts(loss, logits, labels)
+        run.dog.beat()
+        run.ckpt.check()  # a failed background write (full disk) is reported at once
+        if step % cfg.log_every == 0 or step == steps:
+            window.log(step, sums)
+        global_step = epoch * steps + step
+        if step < steps and (global_step % cfg.stop_check_every == 0 or run.ckpt.periodic_due(global_step)):
+            stop, time_due = agree(run)
+            if stop or time_due or run.ckpt.periodic_due(global_step):
+                save(run, Position(epoch, step), sums)
+            if stop:
+                raise _Stopped(run.signals.received or "a peer's signal", Position(epoch, step))
+        step_end = time.perf_counter()
+    sync(device)
+    run.rec.close_bar()
+    return torch.cat([sums, (sums - restored)[COUNT:]]), time.perf_counter() - epoch_start
+
+
+class _Window:
+    """The `step` rows: loss and throughput over each log interval, read back from the device once per interval."""
+
+    def __init__(self, run: Run, epoch: int, steps: int, lr: float, sums: torch.Tensor):
+        self.run, self.epoch, self.steps, self.lr = run, epoch, steps, lr
+        self.logged = sums.clone()
+        self.last = time.perf_counter()
+        self.last_step = run.progress.position.step if run.progress.position.epoch == epoch else 0
+        self.data_wait = 0.0
+
+    def log(self, step: int, sums: torch.Tensor) -> None:
+        run = self.run
+        # On CUDA the host runs ahead of the device, so a clock read without a sync times kernel
+        # launches, not work. Syncing every step would stall the queue; once per interval makes the
+        # interval's wall time honest at a negligible cost.
+        sync(run.device)
+        now = time.perf_counter()
+        done = step - self.last_step
+        interval = max(now - self.last, 1e-9)
+        loss_sum, _, count = (sums - self.logged).tolist()  # this rank's, since the last log
+        images_per_s = done * run.cfg.train.global_batch_size / interval
+        window_loss = loss_sum / max(count, 1)
+        run.rec.advance(done, window_loss, images_per_s)
+        run.rec.log_step({
+            "step": self.epoch * self.steps + step, "epoch": self.epoch, "lr": self.lr,
+            "loss": window_loss, "images_per_s": images_per_s,
+            "images_per_s_per_process": images_per_s / run.world, "step_time": interval / done,
+            "data_wait_fraction": min(self.data_wait / interval, 1.0), "elapsed": now - run.rec.started,
+        })
+        self.last, self.last_step, self.logged, self.data_wait = now, step, sums.clone(), 0.0
+
+
+def agree(run: Run) -> tuple[bool, bool]:
+    """One small all-reduce: has any rank seen a stop signal; is a time-based checkpoint due by the main process's clock."""
+    run.ckpt.heartbeat()
+    flags = torch.tensor([float(run.signals.requested), float(run.accelerator.is_main_process and run.ckpt.time_due())],
+                         device=run.device)
+    if run.world > 1:
+        flags = run.accelerator.reduce(flags, reduction="sum")
+    stop, due = flags.tolist()
+    return stop > 0, due > 0
+
+
+def save(run: Run, position: Position, sums: torch.Tensor, is_best: bool = False) -> None:
+    """Every rank: gather the per-rank parts (a collective), then the main process writes in the background."""
+    rank_sums = gather_object([sums[:COUNT + 1].tolist()])
+    loader_states = gather_object([run.train_loader.resume_state()])
+    run.progress.elapsed = time.perf_counter() - run.rec.started
+    progress = Progress(position, run.progress.best, run.progress.elapsed)
+    state = run.ckpt.state(model=run.bare(), optimizer=run.optimizer, progress=progress, rank_sums=rank_sums,
+                           loader_states=loader_states, world=run.world, config=run.cfg.to_dict(), classes=run.classes)
+    steps = len(run.train_loader)
+    run.ckpt.save(state, position.epoch * steps + position.step, is_best)
+
+
+def _stop(run: Run, stop: _Stopped) -> None:
+    """After the stop checkpoint was started: let it land, record the stop, close W&B, and leave with EXIT_PREEMPTED."""
+    with run.dog.pause():
+        run.ckpt.wait()
+        pos = stop.position
+        run.rec.close_bar()
+        run.rec.log({"event": "stopped", "signal": stop.signal_name, "epoch": pos.epoch, "step": pos.step,
+                     "elapsed": run.progress.elapsed})
+        run.rec.print(f"stopped by {stop.signal_name} at epoch {pos.epoch + 1} step {pos.step}; checkpoint written to "
+                      f"{run.ckpt.dir / 'last.pt'}; the same command (or --resume {run.ckpt.run_dir}) continues "
+                      f"(exit code {errors.EXIT_PREEMPTED})")
+        run.rec.finish()
+    raise PreemptedError(f"stopped by {stop.signal_name}; resume to continue from epoch {pos.epoch + 1} step {pos.step}")
+
+
+# -- end of an epoch: evaluation, record, checkpoint --------------------------------------------
+def end_epoch(run: Run, epoch: int, sums: torch.Tensor, train_time: float) -> None:
+    cfg = run.cfg
+    totals = run.accelerator.reduce(sums, reduction="sum").cpu()
+    val, eval_time = evaluate(run)
+    best = run.progress.best
+    is_best = val.accuracy > best["val_acc"]
+    if is_best:
+        best.update(val_acc=val.accuracy, epoch=epoch)
+    elapsed = time.perf_counter() - run.rec.started
+    if best["time_to_target"] is None and val.accuracy >= cfg.tracking.target_accuracy:
+        best["time_to_target"] = elapsed
+    seen = float(totals[COUNT])
+    steps = len(run.train_loader)
+    record = {
+        "step": (epoch + 1) * steps, "epoch": epoch, "lr": lr_at(cfg.optim, epoch, cfg.train.epochs),
+        "train_loss": float(totals[LOSS_SUM]) / max(seen, 1), "train_acc": float(totals[CORRECT]) / max(seen, 1),
+        "train_images": int(seen), "val_loss": val.loss, "val_acc": val.accuracy, "val_count": val.count,
+        "val_per_class": dict(zip(run.classes, val.per_class_accuracy())), "val_confusion": val.confusion,
+        "images_per_s": float(totals[COUNT + 1]) / max(train_time, 1e-9),  # images of this attempt, over its time
+        "train_time": train_time, "epoch_time": train_time + eval_time, "elapsed": elapsed,
+    }
+    run.rec.log_epoch(record)
+    run.rec.print(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  lr {record['lr']:.2e}  train loss {record['train_loss']:.4f} "
                   f"acc {record['train_acc']:.4f}  val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
-                  f"{record['images_per_s']:.1f} img/s  {epoch_time:.1f}s")
-        loader_states = gather_object([train_loader.resume_state()])  # every rank's, saved by the main one
-        rec.save_checkpoint({
-            "format": checkpoint.FORMAT, "epoch": epoch, "model": bare(model).state_dict(),
-            "optimizer": optimizer.state_dict(), "schedule": {"epoch": epoch, "lr": lr}, "rng": checkpoint.rng_state(),
-            "config": cfg.to_dict(), "classes": classes, "best": best, "world_size": world,
-            "loader_states": loader_states, "elapsed": elapsed,
-        }, is_best)  # written in the background; the ranks stay in step through the next epoch's all-reduces
+                  f"{record['images_per_s']:.1f} img/s  {record['epoch_time']:.1f}s")
+    # Written in the background; the ranks stay in step through the next epoch's all-reduces.
+    save(run, Position(epoch + 1, 0), torch.zeros(3, dtype=torch.float64), is_best)
+    run.progress.position = Position(epoch + 1, 0)
+    stop, _ = agree(run)  # a signal during evaluation: the epoch's checkpoint is the stop checkpoint
+    if stop:
+        raise _Stopped(run.signals.received or "a peer's signal", Position(epoch + 1, 0))
 
+
+def evaluate(run: Run) -> tuple[EvalResult, float]:
+    """Exact validation accuracy of the current weights, and the time it took."""
+    start = time.perf_counter()
+    if run.world > 1:
+        # DDP broadcasts rank 0's BatchNorm buffers before each forward, but each rank's last forward
+        # updated them with its own batch; average them so every rank evaluates, and saves, the same model.
+        for buffer in run.bare().buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(run.accelerator.reduce(buffer.detach().clone(), reduction="mean"))
+    with run.accelerator.autocast():
+        # Without DDP's wrapper (no collectives in evaluation), with torch.compile's if there is one.
+        counts = local_counts(run.accelerator.unwrap_model(run.model), run.val_loader, len(run.classes), run.device,
+                              on_batch=run.dog.beat)
+    val = EvalResult.from_counts(run.accelerator.reduce(counts, reduction="sum"), len(run.classes))
+    return val, time.perf_counter() - start
+
+
+def finish(run: Run) -> None:
     # Replicas must hold identical weights; a mismatch means the processes did not train as one.
-    digests = gather_object([weights_digest(bare(model))])
+    digests = gather_object([weights_digest(run.bare())])
     if len(set(digests)) > 1:
-        rec.print(f"warning: processes ended with different weights: {digests}")
-    rec.print(f"best val accuracy {best['val_acc']:.4f} at epoch {best['epoch'] + 1}; run folder {run_dir}")
-    rec.finish({"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "total_time": time.perf_counter() - rec.started,
-                "target_accuracy": cfg.tracking.target_accuracy, "time_to_target": best["time_to_target"],
-                "weights_digest_per_rank": digests})
-    return run_dir
+        run.rec.print(f"warning: processes ended with different weights: {digests}")
+    best = run.progress.best
+    with run.dog.pause():
+        run.ckpt.wait()  # the last checkpoint is on disk before the run says it has ended
+        run.rec.print(f"best val accuracy {best['val_acc']:.4f} at epoch {best['epoch'] + 1}; run folder {run.ckpt.run_dir}")
+        run.rec.finish({"best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+                        "total_time": time.perf_counter() - run.rec.started,
+                        "target_accuracy": run.cfg.tracking.target_accuracy, "time_to_target": best["time_to_target"],
+                        "weights_digest_per_rank": digests})
+
+
+# What gloo and NCCL say when a peer stops answering or dies (seen: "Application timeout caused pair closure",
+# "Timed out waiting ... for recv", "Connection closed by peer").
+_PEER_FAILURE = re.compile(r"(?i)timed? ?out|timeout|connection (closed|reset)|broken pipe|pair closure")
+
+
+class _peer_failures:
+    """A collective that timed out or lost its peer becomes a one-line HungError (exit code 69), not a traceback."""
+
+    def __init__(self, rank: int, timeout: float):
+        self.rank, self.timeout = rank, timeout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or not isinstance(exc, RuntimeError) or isinstance(exc, (DiskError, HungError, PreemptedError)):
+            return False
+        dist_error = getattr(torch.distributed, "DistError", ())
+        if isinstance(exc, dist_error) or _PEER_FAILURE.search(str(exc)):
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise HungError(f"rank {self.rank}: a collective failed; a peer rank is hung or dead "
+                            f"(train.collective_timeout={self.timeout:g} s): {first[:200]}") from None
+        return False

@@ -66,7 +66,9 @@ def test_killed_run_keeps_a_loadable_checkpoint_and_resumes(tmp_path):
     assert any(r["event"] == "step" for r in metrics(run)) and not any(r["event"] == "end" for r in metrics(run))
     cli(["train", "--resume", str(run), f"train.epochs={state['epoch'] + 2}"])
     assert _weights(run)["epoch"] == state["epoch"] + 1
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"], "a killed write's temporary file was left behind"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert not [n for n in names if n.startswith(".")], f"a killed write's temporary file was left behind: {names}"
+    assert {"best.pt", "last.pt"} <= set(names)
     resume = [r for r in metrics(run) if r["event"] == "resume"]
     assert len(resume) == 1 and resume[0]["from_epoch"] == state["epoch"] + 1
 
@@ -75,15 +77,12 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "ck" / "last.pt"
     checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": 1}, target)
 
-    def broken_save(obj, fh):
-        fh.write(b"partial bytes")
-        raise OSError("disk full")
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    try:
-        checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": 2}, target)
-    except OSError:
-        pass
+    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)  # the bytes are written, making them durable fails
+    with pytest.raises(checkpoint.DiskError, match=r"cannot write checkpoint .*last.pt: No space left on device"):
+        checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": 2}, target, tmp_path / "ck" / "best.pt")
     monkeypatch.undo()
     assert checkpoint.load(target)["epoch"] == 1
     assert [p.name for p in target.parent.iterdir()] == ["last.pt"]
@@ -116,3 +115,58 @@ def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="writing a checkpoint failed"):
         writer.wait()
     writer.wait()  # reported once
+
+
+def _flip_byte(path, offset_from_end=4096):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_one_line_in_every_command(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    ck = run / "checkpoints" / "best.pt"
+    images = str(REPO / "data" / "flowers_sample" / "val")
+    damaged = {"flipped": lambda p: _flip_byte(p), "zero": lambda p: p.write_bytes(b""),
+               "truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])}
+    expected = {"flipped": "is corrupt: its SHA-256 does not match", "zero": "is empty (0 bytes)", "truncated": "is truncated"}
+    for kind, damage in damaged.items():
+        bad = tmp_path / f"{kind}.pt"
+        shutil.copy(ck, bad)
+        damage(bad)
+        for command in (["eval", str(bad), "--data", images], ["predict", str(bad), images]):
+            proc = cli(command, check=False)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and lines[-1].startswith("flowers-dist: error: checkpoint"), (kind, command, proc.stderr[-2000:])
+            assert expected[kind] in lines[-1] and "Traceback" not in proc.stderr, (kind, lines[-1])
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
+    run = [*RUN, "data.loader=torch", "train.epochs=2", f"train.output_dir={tmp_path}", "train.name=fb"]
+    cli(run)
+    ck = tmp_path / "fb" / "checkpoints"
+    step_files = sorted(ck.glob("step-*.pt"))
+    assert [p.name for p in step_files] == ["step-00000002.pt", "step-00000004.pt"]
+    # last.pt is a link of the newest step file: replace it by a truncated copy, and damage that step file too.
+    data = (ck / "last.pt").read_bytes()
+    (ck / "last.pt").unlink()
+    (ck / "last.pt").write_bytes(data[: len(data) - 1000])
+    _flip_byte(step_files[1])
+    proc = cli([*run[:-2], "train.epochs=3", f"train.output_dir={tmp_path}", "train.name=fb"])
+    assert "last.pt is truncated" in proc.stdout and "step-00000004.pt is corrupt" in proc.stdout, proc.stdout
+    assert "resuming from step-00000002.pt instead" in proc.stdout
+    resume = [r for r in metrics(tmp_path / "fb") if r["event"] == "resume"]
+    assert resume[0]["from_epoch"] == 1 and resume[0]["from_step"] == 0
+    assert checkpoint.load(ck / "last.pt")["epoch"] == 2
+
+
+def test_an_explicit_resume_of_a_folder_without_checkpoints_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.yaml").write_text((REPO / "configs" / "quickstart.yaml").read_text())
+    proc = cli(["train", "--resume", str(tmp_path / "empty"), *TINY], check=False)
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    never = cli([*RUN, "data.loader=torch", "train.resume=never", f"train.output_dir={tmp_path}", "train.name=empty"], check=False)
+    assert never.returncode == 2 and "already exists and train.resume=never" in never.stderr, never.stderr[-2000:]

@@ -3,8 +3,8 @@
 Every loader yields `(images, labels)`: images already on the target device, normalised,
 float (or the requested low-precision dtype), NCHW or channels_last; labels int64 on the
 same device. `len(loader)` is the number of batches this process yields per epoch, and
-`set_epoch(e)` picks that epoch's order and augmentation. The loop never asks which
-loader it has.
+`set_epoch(e, skip)` picks that epoch's order and augmentation and where in it the next
+iteration starts (a run resumed mid-epoch). The loop never asks which loader it has.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ class BatchLoader(Protocol):
     num_samples: int
     """Samples this process sees per epoch (before any corrupt file is skipped)."""
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next iteration yields epoch `epoch` from its batch `skip` on (`len()` - skip batches)."""
+        ...
 
     def resume_state(self) -> str | None:
-        """This rank's state at an epoch boundary, to rebuild the loader exactly there on resume.
+        """This rank's state where the consumer stands (an epoch boundary or mid-epoch), to rebuild the loader exactly there on resume.
 
         None when the loader needs none: its order and augmentation are functions of the epoch.
         """

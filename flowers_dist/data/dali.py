@@ -195,10 +195,12 @@ class DaliLoader:
     start of the next permutation. Evaluation yields every batch; a rank's last can be empty.
     """
 
-    def __init__(self, pipeline, *, train: bool, steps: int, num_samples: int, placement: Placement, split: Split):
+    def __init__(self, pipeline, *, train: bool, steps: int, num_samples: int, placement: Placement, split: Split,
+                 restored: bool = False):
         self.train, self.num_samples, self.placement, self.split = train, num_samples, placement, split
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         self._mid_epoch = False
+        self._restored = restored  # built from a saved state: the reader already stands where `skip` says
         try:  # the iterator already runs the pipeline for its first batch
             self.iterator = DALIGenericIterator(pipeline, OUTPUTS, reader_name=READER,
                                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
@@ -206,13 +208,21 @@ class DaliLoader:
             raise self._decode_error(exc) from None
         self.steps = steps if train else len(self.iterator)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Record the epoch; the order is the reader's next permutation (see the module docstring)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Record the epoch; the order is the reader's next permutation (see the module docstring).
+
+        skip > 0 (a mid-epoch resume): a loader restored from that point's state yields the
+        epoch's remaining batches; one built without it (another world size) reads and drops
+        `skip` batches first, which resumes the data order only approximately.
+        """
+        self.epoch, self.skip = epoch, skip
 
     def resume_state(self) -> str | None:
-        """DALI's checkpoint of reader position and random generators (training only; at an epoch boundary,
-        where __iter__ leaves it)."""
+        """DALI's checkpoint of reader position and random generators after the last batch handed out (training only).
+
+        DALI's iterator accounts for the batches it has prefetched but not yet returned, so a
+        pipeline rebuilt from this state yields the next batch the consumer has not seen.
+        """
         return self.iterator.checkpoints()[0] if self.train else None
 
     def __len__(self) -> int:
@@ -221,7 +231,12 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._drain()  # a consumer that stopped early left DALI mid-epoch
         self._mid_epoch = True
-        for _ in range(self.steps):
+        skip, self.skip = self.skip, 0
+        if skip and not self._restored:
+            for _ in range(skip):
+                self._next()
+        self._restored = False
+        for _ in range(skip, self.steps):
             batch = self._next()
             if batch is None:
                 raise RuntimeError(f"DALI's epoch ended after fewer than {self.steps} batches")
@@ -344,4 +359,5 @@ def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank
         pipe.build()
     except RuntimeError as exc:
         raise DataError(f"could not build the DALI pipeline for {split.root}: {str(exc).splitlines()[0]}") from None
-    return DaliLoader(pipe, train=train, steps=steps, num_samples=num_samples, placement=p, split=split)
+    return DaliLoader(pipe, train=train, steps=steps, num_samples=num_samples, placement=p, split=split,
+                      restored=resume_state is not None)

@@ -8,6 +8,7 @@ stream while the current one computes.
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Callable, Iterator
 
 import torch
@@ -81,14 +82,22 @@ class _EpochBatches:
     """Batch sampler whose batches come from a pure function of the epoch."""
 
     def __init__(self, make: Callable[[int], list[list[int]]]):
-        self.make, self.epoch = make, 0
+        self.make, self.epoch, self.skip = make, 0, 0
 
     def __iter__(self):
-        for batch in self.make(self.epoch):
+        for batch in self.make(self.epoch)[self.skip:]:
             yield [(i, self.epoch) for i in batch]
 
     def __len__(self) -> int:
         return len(self.make(self.epoch))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SLURM signals every process of a job step, workers included; a worker killed by SIGUSR1 or
+    # SIGTERM (their default action) would crash the loader while the main process checkpoints.
+    # The main process ends its workers itself.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TorchLoader:
@@ -105,16 +114,17 @@ class TorchLoader:
             batch_sampler=batches,
             num_workers=workers,
             collate_fn=collate_skipping,
+            worker_init_fn=_ignore_stop_signals,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.batches.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.batches.epoch, self.batches.skip = epoch, skip
 
     def resume_state(self) -> None:
-        return None  # order and augmentation are pure functions of (seed, epoch, file)
+        return None  # order and augmentation are pure functions of (seed, epoch, file); the loop knows the step
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -1,0 +1,235 @@
+"""The checkpoint manager: which run folder a run owns, what goes into a checkpoint, when one is written, which one a resume reads.
+
+One owner for the whole life of checkpoints (as torchtitan's CheckpointManager): the loop hands
+it plain parts (model, optimizer, position, per-rank loader states) and asks it to save or to
+restore; file format and integrity live in checkpoint.py, the folder lock in run_lock.py.
+
+Files in `<run>/checkpoints/`: every save writes `step-<global step>.pt` once and gives it the
+names `last.pt` (and `best.pt` after a best epoch) as hard links; the newest `train.keep_checkpoints`
+step files are kept. A resume reads `last.pt`; if it does not verify, the newest step file that
+does, then `best.pt`, and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from .config import TrainConfig
+from .errors import CheckpointError, ConfigError
+from .run_lock import RunLock
+
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def default_run_name(config_name: str) -> str:
+    """Under SLURM the job's own name and id (a requeued job finds its folder again); elsewhere unique per launch."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        array = os.environ.get("SLURM_ARRAY_JOB_ID")
+        if array:
+            job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+        return f"{os.environ.get('SLURM_JOB_NAME', config_name)}-{job}".replace("/", "_")
+    # Seconds alone collide when two runs start together; the random tag does not.
+    return f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class Position:
+    """Where training stands: the next step to run is `step` (0-based) of `epoch`."""
+
+    epoch: int = 0
+    step: int = 0
+
+
+@dataclass
+class Progress:
+    """Everything besides weights that a run must carry over a stop to continue exactly."""
+
+    position: Position = field(default_factory=Position)
+    best: dict[str, Any] = field(default_factory=lambda: {"val_acc": -1.0, "epoch": -1, "time_to_target": None})
+    elapsed: float = 0.0
+    """Training time so far (the clock continues after a resume)."""
+    epoch_sums: list[float] | None = None
+    """This rank's running (loss x n, correct, n) of the unfinished epoch, for a mid-epoch resume."""
+    loader_state: str | None = None
+    """This rank's loader state (DALI reader and random generators) at `position`."""
+
+
+@dataclass
+class Claim:
+    """The main process's decision about the run folder, broadcast to every rank."""
+
+    run_dir: str
+    resume_from: str | None = None
+    notes: list[str] = field(default_factory=list)
+    error: tuple[str, str] | None = None  # (error class name, one-line message), raised on every rank
+
+
+class CheckpointManager:
+    """Every rank holds one and calls it the same way; only the main process touches the disk."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, is_main: bool):
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.cfg = cfg
+        self.is_main = is_main
+        self.writer = checkpoint.BackgroundWriter()
+        self.lock = RunLock(self.run_dir, stale_after=max(600.0, 2 * cfg.watchdog))
+        self._last_save = time.monotonic()
+
+    # -- the run folder ----------------------------------------------------------------------
+    @staticmethod
+    def claim(output_dir: str, name: str, mode: str, explicit: Path | None, cfg: TrainConfig) -> tuple[Claim, "CheckpointManager"]:
+        """Main process: take the folder's lock and decide between a fresh start and a resume (see train.resume)."""
+        run_dir = explicit if explicit is not None else Path(output_dir) / name
+        manager = CheckpointManager(run_dir, cfg, is_main=True)
+        claim = Claim(str(run_dir))
+        existed = run_dir.is_dir() and any(run_dir.iterdir())
+        if explicit is not None and not existed:
+            raise ConfigError(f"--resume {run_dir}: no such run folder")
+        if mode == "never" and explicit is None and existed:
+            raise ConfigError(f"run folder {run_dir} already exists and train.resume=never; choose another train.name "
+                              f"or resume it (train.resume=auto)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        note = manager.lock.acquire()
+        if note:
+            claim.notes.append(note)
+        try:
+            chosen, notes = manager.newest_valid()
+            claim.notes += notes
+            if chosen is not None:
+                claim.resume_from = str(chosen)
+            elif explicit is not None or notes:
+                # Checkpoints exist but none verifies: starting over would silently drop the run's progress.
+                why = "; ".join(notes) if notes else f"no checkpoint in {manager.dir}"
+                raise CheckpointError(f"cannot resume {run_dir}: {why}")
+            manager.clean_leftovers()
+        except BaseException:
+            manager.lock.release()
+            raise
+        return claim, manager
+
+    def clean_leftovers(self) -> None:
+        """Temporary files of writes cut short by a kill or a full disk."""
+        if self.dir.is_dir():
+            for stale in self.dir.glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint files, newest first: last.pt, the step files by step, best.pt."""
+        if not self.dir.is_dir():
+            return []
+        steps = sorted((p for p in self.dir.iterdir() if STEP_FILE.match(p.name)),
+                       key=lambda p: int(STEP_FILE.match(p.name).group(1)), reverse=True)
+        return [p for p in [self.dir / "last.pt", *steps, self.dir / "best.pt"] if p.exists()]
+
+    def newest_valid(self) -> tuple[Path | None, list[str]]:
+        """The newest checkpoint that verifies, and a note for each newer one that did not."""
+        notes = []
+        for path in self.candidates():
+            try:
+                checkpoint.load(path)
+            except CheckpointError as exc:
+                notes.append(str(exc))
+                continue
+            if notes:
+                notes.append(f"resuming from {path.name} instead")
+            return path, notes
+        return None, notes
+
+    # -- what a checkpoint holds -------------------------------------------------------------
+    def state(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+              rank_sums: list[list[float]], loader_states: list[str | None], world: int,
+              config: dict[str, Any], classes: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint of the run at `progress.position`; rank_sums and loader_states hold every rank's."""
+        pos = progress.position
+        return {
+            "format": checkpoint.FORMAT,
+            # The last completed epoch (-1 before the first), as eval, predict and reports read it.
+            "epoch": pos.epoch - 1,
+            "position": {"epoch": pos.epoch, "step": pos.step},
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": checkpoint.rng_state(), "config": config, "classes": classes,
+            "best": progress.best, "elapsed": progress.elapsed, "world_size": world,
+            "loader_states": loader_states, "epoch_sums": rank_sums, **(extra or {}),
+        }
+
+    def restore(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                rank: int, world: int) -> Progress:
+        """Load weights, optimizer and generators; return where training continues."""
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        pos = state.get("position") or {"epoch": state["epoch"] + 1, "step": 0}
+        progress = Progress(Position(pos["epoch"], pos["step"]), {"time_to_target": None, **state["best"]},
+                            state.get("elapsed", 0.0))
+        # Per-rank loader positions and sums only mean something for the same shards, i.e. the same world size.
+        same_world = state.get("world_size") == world
+        loaders = state.get("loader_states") or []
+        if same_world and len(loaders) == world:
+            progress.loader_state = loaders[rank]
+        sums = state.get("epoch_sums") or []
+        if progress.position.step > 0 and sums:
+            if same_world and len(sums) == world:
+                progress.epoch_sums = sums[rank]
+            else:  # the epoch's totals are what count: give them to rank 0
+                progress.epoch_sums = [sum(col) for col in zip(*sums)] if rank == 0 else [0.0] * len(sums[0])
+        return progress
+
+    # -- when checkpoints are written --------------------------------------------------------
+    def periodic_due(self, global_step: int) -> bool:
+        """A step-based save at this step (every rank computes the same answer)."""
+        every = self.cfg.checkpoint_every_steps
+        return every > 0 and global_step % every == 0
+
+    def time_due(self) -> bool:
+        """A time-based save is due by this process's clock (the loop takes the main process's word for it)."""
+        minutes = self.cfg.checkpoint_every_minutes
+        return minutes > 0 and time.monotonic() - self._last_save >= minutes * 60
+
+    def save(self, state: dict[str, Any], global_step: int, is_best: bool = False) -> None:
+        """Write in the background (main process); the loop goes on at once."""
+        self._last_save = time.monotonic()
+        if not self.is_main:
+            return
+        paths = [self.dir / f"step-{global_step:08d}.pt", self.dir / "last.pt"]
+        if is_best:
+            paths.append(self.dir / "best.pt")
+        self.writer.save(state, paths, after=self._prune)
+
+    def _prune(self) -> None:
+        """Keep the newest train.keep_checkpoints step files (last.pt and best.pt are links of their own)."""
+        steps = [p for p in self.candidates() if STEP_FILE.match(p.name)]
+        for old in steps[max(1, self.cfg.keep_checkpoints):]:
+            old.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Raise at once if a background write failed (a full disk); cheap enough for every step."""
+        if self.is_main:
+            self.writer.check()
+
+    def wait(self) -> None:
+        if self.is_main:
+            self.writer.wait()
+
+    def heartbeat(self) -> None:
+        if self.is_main:
+            self.lock.heartbeat()
+
+    def close(self) -> None:
+        """Wait for the last write, then give the folder up."""
+        try:
+            self.wait()
+        finally:
+            if self.is_main:
+                self.lock.release()
