@@ -18,7 +18,8 @@
 #   RDZV_ID            job id shared by all nodes (default: $SLURM_JOB_ID, else flowers-dist)
 #   RDZV_TIMEOUT       seconds the nodes may take to find each other (default 120), then an error
 #   MAX_RESTARTS       restarts of the whole process group after a failure (default 0); each restart
-#                      resumes from the run's last checkpoint (train.resume=auto)
+#                      resumes the run's last checkpoint (train.resume=auto) if the run folder is the same:
+#                      pass train.name=... (under SLURM the default name, job name and id, already is)
 #
 # Exit codes: those of `flowers-dist train` (0 done, 2 one-line error, printed last) or torchrun's
 # own (1 when a worker failed); 75 when SIGTERM/SIGUSR1 to this script stopped the run after a

@@ -214,6 +214,9 @@ SelectTypeParameters=CR_Core
 JobRequeue=1
 ReturnToService=2
 SchedulerType=sched/builtin
+# A requeued job becomes eligible cred_expire + 1 s after the requeue; the main scheduling loop then starts it at
+# its next pass (every 60 s by default). 2 s keeps a requeue test short.
+SchedulerParameters=sched_interval=2
 MpiDefault=none
 SwitchType=switch/none
 AccountingStorageType=accounting_storage/none

@@ -21,8 +21,9 @@ from slurm_cluster import Cluster, missing
 pytestmark = pytest.mark.slurm
 
 # The same run for the uninterrupted job and the interrupted one, so that their weights can be compared.
-# log_every=1: a `step` row per step tells the test that training is under way, mid-epoch.
-TRAIN = ["--config", "configs/quickstart.yaml", *TINY, "data.loader=torch", "train.log_every=1"]
+# log_every=1: a `step` row per step tells the test that training is under way. The ranks agree on a stop every
+# 3 steps; with 5 steps per epoch the first checks (steps 3, 6, 9, 12) fall inside an epoch.
+TRAIN = ["--config", "configs/quickstart.yaml", *TINY, "data.loader=torch", "train.log_every=1", "train.stop_check_every=3"]
 ONE_PROCESS = [*TRAIN, "train.epochs=8"]
 TWO_NODES = [*TRAIN, "train.epochs=4"]
 
@@ -66,11 +67,6 @@ def explain(cluster: Cluster, out: Path, name: str, job_id: int) -> str:
     return f"--- {name}-{job_id}.out\n{job_out(out, name, job_id)[-6000:]}\n--- job\n{cluster.job(job_id)}\n{cluster.logs(25)}"
 
 
-def only_run(out: Path) -> Path:
-    (run,) = (out / "runs").iterdir()
-    return run
-
-
 def weights(run_dir: Path) -> dict:
     from flowers_dist import checkpoint
 
@@ -111,7 +107,7 @@ def two_node_run(cluster, tmp_path_factory):
 def test_one_process_job_trains_to_the_end(one_process_run):
     out, job_id, info, why = one_process_run
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", why
-    records = metrics(only_run(out))
+    records = metrics(out / "runs" / f"one-{job_id}")  # the default run name under SLURM: job name and id
     assert records[0]["event"] == "start" and records[0]["world_size"] == 1, why
     assert records[-1]["event"] == "end", why
     assert "1 process, no launcher" in job_out(out, "one", job_id)
@@ -120,7 +116,7 @@ def test_one_process_job_trains_to_the_end(one_process_run):
 def test_two_node_job_trains_to_the_end(two_node_run):
     out, job_id, info, why = two_node_run
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", why
-    records = metrics(only_run(out))
+    records = metrics(out / "runs" / f"two-{job_id}")
     assert records[0]["event"] == "start" and records[0]["world_size"] == 2, why
     assert records[-1]["event"] == "end", why
     assert "2 nodes x 1 processes = 2" in job_out(out, "two", job_id)
@@ -179,7 +175,7 @@ def test_preemption_checkpoints_requeues_and_resumes_bit_identically(cluster, tw
     why = explain(cluster, tmp_path, "pre", job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", why
     _assert_preempted_then_resumed(run, job_out(tmp_path, "pre", job_id), why)
-    assert_same_weights(only_run(ref_out), run)
+    assert_same_weights(ref_out / "runs" / f"two-{ref_id}", run)
 
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically(cluster, one_process_run, tmp_path):
@@ -208,7 +204,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically(clu
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", why
     run = tmp_path / "runs" / f"lim-{job_id}"
     _assert_preempted_then_resumed(run, job_out(tmp_path, "lim", job_id), why)
-    assert_same_weights(only_run(ref_out), run)
+    assert_same_weights(ref_out / "runs" / f"one-{ref_id}", run)
 
 
 def _assert_preempted_then_resumed(run: Path, out: str, why: str) -> None:
@@ -218,12 +214,11 @@ def _assert_preempted_then_resumed(run: Path, out: str, why: str) -> None:
     assert "SIGUSR1 received" in first and "requeueing" in first, why
     records = metrics(run)
     events = [r["event"] for r in records]
-    assert events.count("start") == 1 and events.count("resume") == 1 and events[-1] == "end", events
-    resume = records[events.index("resume")]
-    # The stop came mid-epoch: the resume starts inside an epoch, not at an epoch boundary.
-    steps_before = [r for r in records[:events.index("resume")] if r["event"] == "step"]
-    assert steps_before, "no step before the stop"
-    assert resume.get("from_step", 0) > 0 or resume.get("step", 0) % max(1, resume.get("steps_per_epoch", 1)) != 0, resume
+    assert events.count("start") == 1 and events.count("stopped") == 1 and events.count("resume") == 1 and events[-1] == "end", events
+    stopped, resume = records[events.index("stopped")], records[events.index("resume")]
+    assert stopped["signal"] == "SIGUSR1", stopped
+    # The stop came inside an epoch, and the next attempt continued from that very step.
+    assert stopped["step"] > 0 and (resume["from_epoch"], resume["from_step"]) == (stopped["epoch"], stopped["step"]), (stopped, resume)
 
 
 def _wait_for_steps(run: Path, job_id: int, cluster: Cluster, timeout: float = 180) -> None:
