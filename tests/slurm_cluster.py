@@ -157,13 +157,13 @@ class Cluster:
         return fields
 
     def wait(self, job_id: int, states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
-             timeout: float = 300, restarts: int | None = None) -> dict[str, str]:
-        """Poll until the job is in one of `states` (and has been restarted `restarts` times, if given)."""
+             timeout: float = 300) -> dict[str, str]:
+        """Poll until the job is in one of `states` (a requeued job passes through REQUEUED and PENDING, not these)."""
         deadline = time.time() + timeout
         info: dict[str, str] = {}
         while time.time() < deadline:
             info = self.job(job_id)
-            if info.get("JobState") in states and (restarts is None or int(info.get("Restarts", 0)) >= restarts):
+            if info.get("JobState") in states:
                 return info
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout:.0f} s: {info}\n{self.logs()}")
