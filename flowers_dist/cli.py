@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         # all ranks, or decided on rank 0 and shared): one line from rank 0, the same exit code from all.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"flowers-dist: error: {exc}", file=sys.stderr)
+            if os.environ.get("FLOWERS_DIST_ERROR_FILE"):
+                # launch/*.sh print it again after the launcher's traceback, as the last line.
+                Path(os.environ["FLOWERS_DIST_ERROR_FILE"]).write_text(f"flowers-dist: error: {exc}\n")
         return EXIT_USER_ERROR
     return 0
 

@@ -430,6 +430,9 @@ def _stop(run: Run, stop: _Stopped) -> None:
     """After the stop checkpoint was started: let it land, record the stop, close W&B, and leave with EXIT_PREEMPTED."""
     with run.dog.pause():
         run.ckpt.wait()
+        # No rank leaves before the checkpoint has landed: under srun --kill-on-bad-exit a rank that
+        # exits first gets its launcher to fail, and SLURM then signals the main node's task mid-write.
+        run.accelerator.wait_for_everyone()
         pos = stop.position
         run.rec.close_bar()
         run.rec.log({"event": "stopped", "signal": stop.signal_name, "epoch": pos.epoch, "step": pos.step,
