@@ -52,7 +52,7 @@ def test_errors_before_training_are_printed_once_over_two_processes(tmp_path):
     proc = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "train.global_batch_size=3",
                 f"train.output_dir={tmp_path}"], nprocs=2, check=False)
     assert proc.returncode != 0
-    assert _errors(proc.stderr) == ["flowers-dist: error: config key 'train.global_batch_size': 3 does not split evenly over 2 processes"]
+    assert _errors(proc.stderr) == ["flowers-dist: error: config key 'train.global_batch_size': 3 does not split evenly over 2 processes x train.grad_accum_steps 1"]
     # An error only the main process finds (it alone checks the data) reaches, and stops, every rank.
     root = tmp_path / "data"
     shutil.copytree(SAMPLE, root)
