@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slurm
 # log_every=1: a `step` row per step tells the test that training is under way. The ranks agree on a stop after
 # every step, so a signal sent after the first step of an epoch (of 5) stops the run inside that epoch.
 TRAIN = ["--config", "configs/quickstart.yaml", *TINY, "data.loader=torch", "train.log_every=1", "train.stop_check_every=1"]
-ONE_PROCESS = [*TRAIN, "train.epochs=8"]
+# 30 epochs (about 45 s on an idle 2-core machine): long enough to be still training when the time-limit
+# warning comes, up to 30 s into the job (8 epochs, 13 s idle, ended before it).
+ONE_PROCESS = [*TRAIN, "train.epochs=30"]
 TWO_NODES = [*TRAIN, "train.epochs=4"]
 
 
