@@ -473,7 +473,7 @@ def end_epoch(run: Run, epoch: int, sums: torch.Tensor, train_time: float) -> No
     save(run, Position(epoch + 1, 0), torch.zeros(3, dtype=torch.float64), is_best)
     run.progress.position = Position(epoch + 1, 0)
     stop, _ = agree(run)  # a signal during evaluation: the epoch's checkpoint is the stop checkpoint
-    if stop:
+    if stop and epoch + 1 < cfg.train.epochs:  # after the last epoch the run simply ends
         raise _Stopped(run.signals.received or "a peer's signal", Position(epoch + 1, 0))
 
 
