@@ -86,13 +86,17 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, fused: bool = Fals
     return optimizer
 
 
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy as sum / n: the same value for n > 0, and 0 (with zero gradients) for a rank's
+    empty batch (every file unreadable), where the mean would be NaN and poison every rank through the all-reduce."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum") / max(labels.numel(), 1)
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                backward=torch.Tensor.backward) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step (forward, loss, backward, update); `backward` is Accelerate's under DDP or mixed precision."""
     logits = model(images)
-    # sum / n, not mean: the same value for n > 0, and 0 (with zero gradients) for a rank's empty
-    # batch, where the mean would be NaN and poison every rank through the all-reduce.
-    loss = F.cross_entropy(logits.float(), labels, reduction="sum") / max(labels.numel(), 1)
+    loss = batch_loss(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     backward(loss)
     optimizer.step()
@@ -112,9 +116,7 @@ def micro_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     """
     with nullcontext() if syncs else no_sync(model):
         logits = model(images)
-        # sum / n, not mean: the same value for n > 0, and 0 (with zero gradients) for a rank's empty
-        # micro-batch (every file unreadable), where the mean would be NaN and poison every rank.
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum") / max(labels.numel(), 1)
+        loss = batch_loss(logits, labels)
         backward(loss / accum if accum > 1 else loss)
     return logits, loss
 
