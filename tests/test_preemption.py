@@ -22,6 +22,7 @@ from flowers_dist.data import dali_status
 from flowers_dist.errors import EXIT_DISK, EXIT_HUNG, EXIT_PREEMPTED
 
 from conftest import REPO, TINY, cli, free_port, metrics
+from procs import frozen, training_pids
 
 # Five steps per epoch, agreement on every step, so that a signal lands mid-epoch and is acted on at the next step.
 STEPS = 5
@@ -83,22 +84,25 @@ def _kill(proc: subprocess.Popen, tag: str | None = None) -> None:
 
 def _workers(tag: str) -> dict[int, int]:
     """rank -> pid of the training processes of one launch (found by the tag in their environment)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"FLOWERS_TEST_TAG={tag}".encode() not in environ:
-            continue
-        ranks = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")]
-        # The training processes run `python -m flowers_dist` (or `-c` spawn stubs of it); launchers run accelerate/torch.
-        if ranks and b"flowers_dist" in cmdline and not any(b"accelerate" in c or b"torch.distributed.run" in c for c in cmdline):
-            found[int(ranks[0])] = int(entry.name)
-    return found
+    return training_pids(f"FLOWERS_TEST_TAG={tag}")
+
+
+def _signal_inside_epoch(run_dir: Path, proc: subprocess.Popen, tag: str, target: int, sig: int, epochs: range) -> None:
+    """Send `sig` to rank `target` so that the run stops inside one of `epochs`, never at or past an epoch's end.
+
+    With every rank stopped (SIGSTOP), the last `step` row is where the run is: the ranks agree after each step,
+    so a signal sent at step s is acted on at step s, or s + 1 if that agreement had begun; s <= STEPS - 2 keeps
+    both inside the epoch. Caught later than that, the run goes on to the next epoch of `epochs` and is tried there.
+    """
+    for epoch in epochs:
+        _wait_for(run_dir, lambda r: _step_in_epoch(r, epoch, 1) or _step_in_epoch(r, epoch + 1, 0), proc)
+        workers = _workers(tag)
+        with frozen(list(workers.values())):
+            last = [r for r in metrics(run_dir) if r["event"] == "step"][-1]
+            if last["epoch"] == epoch and last["step"] - epoch * STEPS <= STEPS - 2:
+                os.kill(workers[target], sig)
+                return
+    raise AssertionError(f"the run was never caught inside an epoch of {list(epochs)} (steps too fast for the test's polling?)")
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -118,27 +122,58 @@ def _step_in_epoch(records, epoch: int, at_least: int) -> bool:
 
 @pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_status()[0], reason="DALI not installed"))])
 def test_a_signal_mid_epoch_checkpoints_and_the_resume_is_bit_identical(tmp_path, loader):
-    run = [*RUN, f"data.loader={loader}", f"train.output_dir={tmp_path}"]
+    # Three epochs: the stop lands inside epoch 1 (after a whole epoch of DALI's reader), or else inside epoch 2.
+    run = [*RUN, f"data.loader={loader}", "train.epochs=3", f"train.output_dir={tmp_path}"]
     cli([*run, "train.name=full"])
-    proc, _ = _launch([*run, "train.name=cut"])
-    _wait_for(tmp_path / "cut", lambda r: _step_in_epoch(r, 1, 2), proc)
-    os.kill(proc.pid, signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
+    proc, tag = _launch([*run, "train.name=cut"])
+    try:
+        _signal_inside_epoch(tmp_path / "cut", proc, tag, 0, signal.SIGUSR1, range(1, 3))
+        out, err = proc.communicate(timeout=300)
+    finally:
+        _kill(proc, tag)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "stopped by SIGUSR1" in out
     stopped = [r for r in metrics(tmp_path / "cut") if r["event"] == "stopped"]
-    assert len(stopped) == 1 and stopped[0]["epoch"] == 1 and 2 <= stopped[0]["step"] < STEPS, stopped
+    assert len(stopped) == 1 and stopped[0]["epoch"] >= 1 and 1 <= stopped[0]["step"] < STEPS, stopped
     state = checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt")
-    assert state["position"] == {"epoch": 1, "step": stopped[0]["step"]}
+    assert state["position"] == {"epoch": stopped[0]["epoch"], "step": stopped[0]["step"]}
 
     # The same command again: train.resume=auto finds the checkpoint and continues from that step.
     cli([*run, "train.name=cut"])
     _assert_identical(tmp_path / "full", tmp_path / "cut")
     resumed = [r for r in metrics(tmp_path / "cut") if r["event"] == "resume"]
-    assert resumed and resumed[0]["from_epoch"] == 1 and resumed[0]["from_step"] == stopped[0]["step"]
+    assert resumed and (resumed[0]["from_epoch"], resumed[0]["from_step"]) == (stopped[0]["epoch"], stopped[0]["step"])
     # The resumed epoch's record counts the whole epoch's images, both attempts together.
-    epoch1 = [r for r in metrics(tmp_path / "cut") if r["event"] == "epoch" and r["epoch"] == 1]
-    assert epoch1[-1]["train_images"] == STEPS * 8
+    epoch = [r for r in metrics(tmp_path / "cut") if r["event"] == "epoch" and r["epoch"] == stopped[0]["epoch"]]
+    assert epoch[-1]["train_images"] == STEPS * 8
+
+
+@pytest.mark.parametrize("epoch", [0, 1], ids=["an-earlier-epoch", "the-last-epoch"])
+def test_a_signal_during_evaluation_stops_at_the_epochs_end_or_lets_the_last_epoch_finish(tmp_path, epoch):
+    # After an epoch's last step the next agreement comes after evaluation: the epoch's own checkpoint is then the
+    # stop checkpoint (exit 75, resume at the next epoch's start); after the last epoch there is nothing left to
+    # resume, so the run ends as usual (exit 0) instead of asking for a requeue. One image per evaluation batch
+    # makes evaluation long enough for the test to catch the run inside it.
+    run = [*RUN, "data.loader=torch", "train.eval_batch_size=1", f"train.output_dir={tmp_path}", "train.name=eval"]
+    proc, tag = _launch(run)
+    try:
+        _wait_for(tmp_path / "eval", lambda r: _step_in_epoch(r, epoch, STEPS), proc)
+        with frozen(list(_workers(tag).values())):
+            evaluated = any(r["event"] == "epoch" and r["epoch"] == epoch for r in metrics(tmp_path / "eval"))
+            os.kill(proc.pid, signal.SIGUSR1)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        _kill(proc, tag)
+    events = [r["event"] for r in metrics(tmp_path / "eval")]
+    if epoch == 1:
+        assert proc.returncode == 0, err[-3000:]
+        assert "stopped" not in events and events[-1] == "end", events
+        assert checkpoint.load(tmp_path / "eval" / "checkpoints" / "last.pt")["position"] == {"epoch": 2, "step": 0}
+    else:
+        assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+        stopped = metrics(tmp_path / "eval")[events.index("stopped")]
+        # Caught after its evaluation had ended (a slow poll), the run stops one step into the next epoch instead.
+        assert (stopped["epoch"], stopped["step"]) == ((1, 0) if not evaluated else (1, 1)), (stopped, evaluated)
 
 
 def test_sigterm_to_one_of_two_ranks_stops_both_and_the_resume_is_bit_identical(tmp_path):
@@ -146,15 +181,17 @@ def test_sigterm_to_one_of_two_ranks_stops_both_and_the_resume_is_bit_identical(
     run = [*RUN, "data.loader=torch", f"train.output_dir={tmp_path}"]
     cli([*run, "train.name=full"], nprocs=2)
     proc, tag = _launch([*run, "train.name=cut"], nprocs=2)
-    _wait_for(tmp_path / "cut", lambda r: _step_in_epoch(r, 0, 2), proc)
-    workers = _workers(tag)
-    assert sorted(workers) == [0, 1], workers
-    os.kill(workers[1], signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    try:
+        _wait_for(tmp_path / "cut", lambda r: _step_in_epoch(r, 0, 1), proc)
+        assert sorted(_workers(tag)) == [0, 1], _workers(tag)
+        _signal_inside_epoch(tmp_path / "cut", proc, tag, 1, signal.SIGTERM, range(0, 2))
+        out, err = proc.communicate(timeout=300)
+    finally:
+        _kill(proc, tag)
     assert proc.returncode != 0  # the launcher reports its workers' non-zero exit
     assert "stopped by a peer's signal" in out, out[-2000:] + err[-3000:]  # rank 0 never saw the signal itself
     stopped = [r for r in metrics(tmp_path / "cut") if r["event"] == "stopped"]
-    assert len(stopped) == 1 and stopped[0]["epoch"] == 0 and 2 <= stopped[0]["step"] < STEPS
+    assert len(stopped) == 1 and 1 <= stopped[0]["step"] < STEPS, stopped
     cli([*run, "train.name=cut"], nprocs=2)
     _assert_identical(tmp_path / "full", tmp_path / "cut")
 

@@ -9,6 +9,7 @@ with other test runs, so they are rough.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,13 +17,16 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY, free_port, metrics
+from procs import frozen, pending, training_pids
 from slurm_cluster import Cluster, missing
 
 pytestmark = pytest.mark.slurm
 
 # The same run for the uninterrupted job and the interrupted one, so that their weights can be compared.
-# log_every=1: a `step` row per step tells the test that training is under way. The ranks agree on a stop after
-# every step, so a signal sent after the first step of an epoch (of 5) stops the run inside that epoch.
+# log_every=1: a `step` row per step tells the test where training is. The ranks agree on a stop after every step
+# (stop_check_every=1), so a signal that reaches them inside an epoch stops the run there (_scancel_inside_epoch).
+# 40 sample training photos, global batch 8: 5 steps per epoch.
+STEPS = 5
 TRAIN = ["--config", "configs/quickstart.yaml", *TINY, "data.loader=torch", "train.log_every=1", "train.stop_check_every=1"]
 # 30 epochs (about 45 s on an idle 2-core machine): long enough to be still training when the time-limit
 # warning comes, up to 30 s into the job (8 epochs, 13 s idle, ended before it).
@@ -177,8 +181,7 @@ def test_preemption_checkpoints_requeues_and_resumes_bit_identically(cluster, tw
     assert ref_info["JobState"] == "COMPLETED", ref_why
     job_id = submit(cluster, tmp_path, "pre", nodes, TWO_NODES, per_node=per_node)
     run = tmp_path / "runs" / f"pre-{job_id}"
-    _wait_for_steps(run, job_id, cluster)
-    cluster.run(["scancel", "--signal=USR1", "--batch", str(job_id)])
+    _scancel_inside_epoch(cluster, run, job_id, epochs=range(0, 3))
     info = cluster.wait(job_id, timeout=400)
     why = explain(cluster, tmp_path, "pre", job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", why
@@ -234,12 +237,37 @@ def _assert_preempted_then_resumed(run: Path, out: str, why: str, mid_epoch: boo
     assert stopped["step"] > 0 or not mid_epoch, stopped
 
 
-def _wait_for_steps(run: Path, job_id: int, cluster: Cluster, timeout: float = 180) -> None:
+def _scancel_inside_epoch(cluster: Cluster, run: Path, job_id: int, epochs: range, timeout: float = 180) -> None:
+    """`scancel --signal=USR1 --batch` so that the job stops inside one of `epochs`, for certain.
+
+    The signal travels batch shell -> scancel -> slurmstepd -> workers, long enough for several steps. So the
+    workers are stopped (SIGSTOP) first: the last `step` row is then where they are, and they are thawed once
+    SIGUSR1 is pending in each. They agree after every step, so they stop at that step, or the next if its
+    agreement had begun: both inside the epoch when the step is at most STEPS - 2.
+    """
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (run / "metrics.jsonl").exists() and any(r["event"] == "step" for r in metrics(run)):
+
+    def steps() -> list[dict]:
+        while time.time() < deadline:
+            rows = [r for r in metrics(run) if r["event"] == "step"] if (run / "metrics.jsonl").exists() else []
+            if rows and (rows[-1]["epoch"], rows[-1]["step"] - rows[-1]["epoch"] * STEPS) >= (epoch, 1):
+                return rows
+            if cluster.job(job_id).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no training step in epoch {epoch} of {run} within {timeout:.0f} s\n{explain(cluster, run.parent.parent, 'pre', job_id)}")
+
+    for epoch in epochs:
+        steps()
+        workers = list(training_pids(f"SLURM_JOB_ID={job_id}").values())
+        assert len(workers) == 2, f"expected the job's 2 training processes, found {workers}"
+        with frozen(workers):
+            last = steps()[-1]
+            if last["epoch"] != epoch or last["step"] - epoch * STEPS > STEPS - 2:
+                continue  # too late in this epoch: thaw, and try the next one
+            cluster.run(["scancel", "--signal=USR1", "--batch", str(job_id)])
+            while not all(pending(pid, signal.SIGUSR1) for pid in workers):
+                assert time.time() < deadline, f"SIGUSR1 never reached the stopped workers {workers}"
+                time.sleep(0.05)
             return
-        if cluster.job(job_id).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
-            break
-        time.sleep(0.2)
-    raise AssertionError(f"no training step in {run} after {timeout:.0f} s")
+    raise AssertionError(f"the job was never caught inside an epoch of {list(epochs)}")

@@ -1,0 +1,81 @@
+"""Finding a launch's training processes in /proc, and holding them still while a test signals them.
+
+A signal sent "after step 2 of 5" races the run: on a fast machine the steps between the test's look at
+metrics.jsonl and the signal's arrival can carry the run past the epoch (CI saw it). Freezing the processes
+first (SIGSTOP) makes the test's look exact: the position read while they are stopped is where they are, the
+signal waits as pending until they are thawed, and the run acts on it at its next agreement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+
+def training_pids(marker: str) -> dict[int, int]:
+    """rank -> pid of the training processes whose environment holds `marker` ("KEY=value").
+
+    Training processes run `python -m flowers_dist`; launchers (accelerate, torchrun), srun and bash carry the same
+    environment and are left out. A process without RANK (no launcher) counts as rank 0.
+    """
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # Python running flowers_dist; not srun, bash or a launcher, whose command lines can name it too.
+        if marker.encode() not in environ or not os.path.basename(cmdline[0]).startswith(b"python"):
+            continue
+        if b"flowers_dist" not in cmdline or any(b"accelerate" in c or b"torch.distributed.run" in c for c in cmdline):
+            continue
+        ranks = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")]
+        found[int(ranks[0]) if ranks else 0] = int(entry.name)
+    return found
+
+
+def _states(pid: int) -> set[str]:
+    """The scheduler state of every thread of a process ('T' = stopped); empty once it is gone."""
+    states = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            # The state follows the command name, which is in parentheses and may hold spaces.
+            states.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            continue
+    return states
+
+
+@contextlib.contextmanager
+def frozen(pids: list[int], timeout: float = 30) -> Iterator[None]:
+    """SIGSTOP the processes and wait until every thread of each has stopped; SIGCONT them on the way out."""
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        deadline = time.time() + timeout
+        while any(_states(pid) - {"T", "t"} for pid in pids):
+            if time.time() > deadline:
+                raise AssertionError(f"processes {pids} did not stop within {timeout:.0f} s")
+            time.sleep(0.01)
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits, undelivered, for the (stopped) process: its shared or main-thread pending set."""
+    mask = 1 << (signum - 1)
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    return any(int(line.split()[1], 16) & mask for line in lines if line.startswith(("ShdPnd:", "SigPnd:")))
