@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .config import Config, TrackingConfig
+from .errors import ConfigError
 
 
 def has_credentials() -> bool:
@@ -24,16 +25,27 @@ def has_credentials() -> bool:
         return False
 
 
+# The values W&B's settings accept for WANDB_MODE, and the mode each means here.
+_WANDB_MODES = {"online": "online", "run": "online", "shared": "online", "offline": "offline", "dryrun": "offline",
+                "disabled": "disabled"}
+
+
 def resolve_mode(cfg: TrackingConfig) -> str:
-    """online, offline or disabled. A set WANDB_MODE decides `auto` (tests set it to disabled)."""
+    """online, offline or disabled. A set WANDB_MODE decides `auto` (tests set it to disabled).
+
+    W&B validates WANDB_MODE whenever it starts, even when it is given a mode, so a value it rejects (an empty
+    `WANDB_MODE=` included) is a one-line error here rather than a pydantic traceback after the run has begun.
+    """
+    env = os.environ.get("WANDB_MODE")
     if cfg.wandb != "auto":
-        return cfg.wandb
-    env = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env in ("online", "offline", "disabled"):
-        return env
-    if env == "dryrun":
-        return "offline"
-    return "online" if has_credentials() else "offline"
+        mode = cfg.wandb
+    elif env is not None:
+        mode = _WANDB_MODES.get(env, "online")
+    else:
+        mode = "online" if has_credentials() else "offline"
+    if mode != "disabled" and env is not None and env not in _WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={env!r} is not a W&B mode: unset it, or set it to one of {', '.join(_WANDB_MODES)}")
+    return mode
 
 
 def run_id(run_dir: Path) -> str:

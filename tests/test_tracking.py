@@ -123,6 +123,24 @@ def test_auto_mode_follows_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_mode(auto) == "disabled"
     assert resolve_mode(config.load(None, ["tracking.wandb=offline"]).tracking) == "offline"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert resolve_mode(auto) == "offline"
+
+
+@pytest.mark.parametrize("value", ["", "Offline", "off"])
+def test_a_wandb_mode_that_wandb_rejects_is_one_line_before_the_run(tmp_path, value):
+    # W&B's own settings refuse these even when init is given a mode (a pydantic traceback, seen with WANDB_MODE=).
+    proc = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "tracking.wandb=offline", f"train.output_dir={tmp_path}"],
+               env={"WANDB_MODE": value}, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("flowers-dist: error:")]
+    assert errors == [f"flowers-dist: error: WANDB_MODE={value!r} is not a W&B mode: unset it, or set it to one of "
+                      "online, run, shared, offline, dryrun, disabled"], proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir()), "a refused run left a folder behind"
+    # tracking.wandb=disabled never starts W&B, so the variable does not matter.
+    ok = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "tracking.wandb=disabled", "train.epochs=1",
+              "train.max_steps_per_epoch=1", f"train.output_dir={tmp_path}"], env={"WANDB_MODE": value})
+    assert ok.returncode == 0
 
 
 def test_resume_continues_the_same_wandb_run(tmp_path):
