@@ -53,7 +53,7 @@ def atomic_save(obj: Any, path: str | Path, *more_paths: str | Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp, links = _temp_name(path), {Path(extra): _temp_name(Path(extra)) for extra in more_paths}
     data = encode(obj)
     try:
         try:
@@ -61,8 +61,7 @@ def atomic_save(obj: Any, path: str | Path, *more_paths: str | Path) -> None:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            for extra in map(Path, more_paths):
-                link = extra.with_name(f".{extra.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            for extra, link in links.items():
                 link.unlink(missing_ok=True)
                 os.link(tmp, link)
                 os.replace(link, extra)
@@ -71,9 +70,14 @@ def atomic_save(obj: Any, path: str | Path, *more_paths: str | Path) -> None:
             tmp.unlink(missing_ok=True)
         _fsync_dir(path.parent)
     except OSError as exc:
-        for extra in map(Path, more_paths):
-            extra.with_name(f".{extra.name}.tmp-{os.getpid()}-{threading.get_ident()}").unlink(missing_ok=True)
+        for link in links.values():
+            link.unlink(missing_ok=True)
         raise DiskError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from exc
+
+
+def _temp_name(path: Path) -> Path:
+    """A hidden name beside `path`, unique to this process and thread (two writers never share one)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 def snapshot(obj: Any) -> Any:
