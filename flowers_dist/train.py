@@ -247,19 +247,9 @@ def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSigna
             model, converted = sync_bn.convert(model)
             sync_bn_why += f"; {converted} BatchNorm layers synchronised"
         optimizer = build_optimizer(cfg.optim, model, fused=accelerator.device.type == "cuda")
-        progress = Progress()
-        resume_changes = {}
+        progress, resume_changes = Progress(), {}
         if claim.resume_from is not None:
-            state = checkpoint.load(claim.resume_from)
-            if state["classes"] != classes:
-                raise ConfigError(f"the classes in {cfg.data.root} differ from those the run was trained on ({state['classes']})")
-            resume_changes = resume_check.check(state["config"], cfg.to_dict(), force)
-            try:
-                progress = ckpt.restore(state, model, optimizer, accelerator.process_index, world, scaler=accelerator.scaler)
-            except RuntimeError as exc:  # only with --force: a model or optimizer the checkpoint does not fit
-                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's: a title, then the misfits
-                raise errors.CheckpointError(f"{claim.resume_from} does not fit this config (model.name={cfg.model.name}): "
-                                             f"{(lines[1:] or lines or ['?'])[0][:200]}") from None
+            progress, resume_changes = restore(cfg, Path(claim.resume_from), ckpt, classes, model, optimizer, accelerator, force)
             rec.continue_clock(progress.elapsed)
         model, optimizer = accelerator.prepare(model, optimizer)
         eval_model = evaluation_model(model, accelerator.unwrap_model(model, keep_torch_compile=False),
@@ -299,6 +289,27 @@ def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSigna
               + (f"; resumed from {Path(claim.resume_from).name} at epoch {pos.epoch + 1} step {pos.step}" if claim.resume_from else ""))
     return Run(cfg, accelerator, rec, ckpt, model, optimizer, train_loader, val_loader, classes, progress, signals,
                Watchdog(cfg.train.watchdog, accelerator.process_index), steps_per_epoch, accum, eval_model)
+
+
+def restore(cfg: Config, path: Path, ckpt: CheckpointManager, classes: list[str], model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, accelerator: Accelerator, force: bool) -> tuple[Progress, dict]:
+    """Load a checkpoint into the (not yet prepared) model and optimizer.
+
+    Returns where to continue and the config keys the resume changes; refuses other classes, a change that
+    alters the result (unless forced) and, forced, a model the checkpoint does not fit, each in one line.
+    """
+    state = checkpoint.load(path)
+    if state["classes"] != classes:
+        raise ConfigError(f"the classes in {cfg.data.root} differ from those the run was trained on ({state['classes']})")
+    changes = resume_check.check(state["config"], cfg.to_dict(), force)
+    try:
+        progress = ckpt.restore(state, model, optimizer, accelerator.process_index, accelerator.num_processes,
+                                scaler=accelerator.scaler)
+    except RuntimeError as exc:  # only with --force: a model or optimizer the checkpoint does not fit
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's: a title, then the misfits
+        raise errors.CheckpointError(f"{path} does not fit this config (model.name={cfg.model.name}): "
+                                     f"{(lines[1:] or lines or ['?'])[0][:200]}") from None
+    return progress, changes
 
 
 def claim_run_folder(accelerator: Accelerator, cfg: Config, config_name: str, resume: Path | None) -> tuple[CheckpointManager, Claim]:

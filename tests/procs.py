@@ -60,7 +60,8 @@ def frozen(pids: list[int], timeout: float = 30) -> Iterator[None]:
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         deadline = time.time() + timeout
-        while any(_states(pid) - {"T", "t"} for pid in pids):
+        # Stopped ('T'), or ended on its own meanwhile (a zombie 'Z', or gone: no threads left).
+        while any(_states(pid) - {"T", "t", "Z", "X"} for pid in pids):
             if time.time() > deadline:
                 raise AssertionError(f"processes {pids} did not stop within {timeout:.0f} s")
             time.sleep(0.01)
@@ -69,6 +70,11 @@ def frozen(pids: list[int], timeout: float = 30) -> Iterator[None]:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+
+def alive(pid: int) -> bool:
+    """Whether the process still exists and has not ended (a zombie has)."""
+    return bool(_states(pid) - {"Z", "X"})
 
 
 def pending(pid: int, signum: int) -> bool:
