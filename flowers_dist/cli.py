@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> None:
     from . import config, resume_check
+    from .preemption import ignore_stop_signals
     from .train import train
 
     if args.resume is not None:
@@ -75,13 +76,16 @@ def _train(args: argparse.Namespace) -> None:
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
         # config.yaml stays as the run was started; earlier resumes' overrides are in resumes.jsonl.
         earlier = resume_check.previous_overrides(args.resume)
-        cfg = config.load(args.config or run_config, [*earlier, *args.overrides])
-        train(cfg, resume=args.resume, overrides=args.overrides, force=args.force)
+        cfg, config_name = config.load(args.config or run_config, [*earlier, *args.overrides]), "run"
     else:
         if args.config is None:
             raise ConfigError("train needs --config FILE (or --resume RUN_DIR)")
-        train(config.load(args.config, args.overrides), config_name=args.config.stem, overrides=args.overrides,
-              force=args.force)
+        cfg, config_name = config.load(args.config, args.overrides), args.config.stem
+    # This command's process ends with its run. train() handles stop signals from set-up to the end of the run and
+    # then puts back what it found: ignored, so that a late one (SLURM's batch shell resends its warning every 10 s)
+    # cannot turn exit 0 or 75 into death by the signal while W&B and the process group shut down.
+    ignore_stop_signals()
+    train(cfg, config_name=config_name, resume=args.resume, overrides=args.overrides, force=args.force)
 
 
 def _predict(args: argparse.Namespace) -> None:

@@ -14,6 +14,12 @@ import time
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+def ignore_stop_signals() -> None:
+    """Ignore the stop signals in this process (its own choice, for the time outside a run's StopSignals)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopSignals:
     def __init__(self) -> None:
         self.received: str | None = None

@@ -1,9 +1,11 @@
 """Finding a launch's training processes in /proc, and holding them still while a test signals them.
 
 A signal sent "after step 2 of 5" races the run: on a fast machine the steps between the test's look at
-metrics.jsonl and the signal's arrival can carry the run past the epoch (CI saw it). Freezing the processes
-first (SIGSTOP) makes the test's look exact: the position read while they are stopped is where they are, the
-signal waits as pending until they are thawed, and the run acts on it at its next agreement.
+metrics.jsonl and the signal's arrival can carry the run past the epoch (CI saw it). Stopping the processes
+(SIGSTOP) makes the test's look exact: the position read while they are stopped is where they are, the
+signal waits as pending until they are thawed, and the run acts on it at its next agreement. `stopped_at`
+lets them run in slices of a few milliseconds between looks, so that no step (tens of milliseconds at the
+tests' sizes) can pass unseen, however fast the machine.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def training_pids(marker: str) -> dict[int, int]:
@@ -72,6 +74,21 @@ def frozen(pids: list[int], timeout: float = 30) -> Iterator[None]:
                 os.kill(pid, signal.SIGCONT)
 
 
+@contextlib.contextmanager
+def stopped_at(pids: list[int], where: Callable[[], bool], timeout: float = 120, slice_s: float = 0.002) -> Iterator[None]:
+    """Let the processes run in slices of `slice_s` until `where()`, asked while they are stopped, holds; the block
+    then runs with them still stopped, and they are thawed after it. `where` may raise to give up."""
+    deadline = time.time() + timeout
+    while True:
+        with frozen(pids):
+            if where():
+                yield
+                return
+        if time.time() > deadline:
+            raise AssertionError(f"processes {pids} never reached the point the test waits for within {timeout:.0f} s")
+        time.sleep(slice_s)
+
+
 def alive(pid: int) -> bool:
     """Whether the process still exists and has not ended (a zombie has)."""
     return bool(_states(pid) - {"Z", "X"})
@@ -85,3 +102,12 @@ def pending(pid: int, signum: int) -> bool:
     except OSError:
         return False
     return any(int(line.split()[1], 16) & mask for line in lines if line.startswith(("ShdPnd:", "SigPnd:")))
+
+
+def disposition(pid: int, signum: int) -> str:
+    """What the process does with `signum`: "caught" (a handler), "ignored", or "default"."""
+    mask = 1 << (signum - 1)
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    if int(fields["SigCgt"], 16) & mask:
+        return "caught"
+    return "ignored" if int(fields["SigIgn"], 16) & mask else "default"

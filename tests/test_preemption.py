@@ -22,7 +22,7 @@ from flowers_dist.data import dali_status
 from flowers_dist.errors import EXIT_DISK, EXIT_HUNG, EXIT_PREEMPTED
 
 from conftest import REPO, TINY, cli, free_port, metrics
-from procs import frozen, training_pids
+from procs import alive, disposition, stopped_at, training_pids
 
 # Five steps per epoch, agreement on every step, so that a signal lands mid-epoch and is acted on at the next step.
 STEPS = 5
@@ -87,22 +87,36 @@ def _workers(tag: str) -> dict[int, int]:
     return training_pids(f"FLOWERS_TEST_TAG={tag}")
 
 
-def _signal_inside_epoch(run_dir: Path, proc: subprocess.Popen, tag: str, target: int, sig: int, epochs: range) -> None:
-    """Send `sig` to rank `target` so that the run stops inside one of `epochs`, never at or past an epoch's end.
+def _started(records: list[dict]) -> bool:
+    """A `_wait_for` predicate: the run has started (set up, its loaders about to run); tests go on in slices from here."""
+    return any(r["event"] == "start" for r in records)
 
-    With every rank stopped (SIGSTOP), the last `step` row is where the run is: the ranks agree after each step,
-    so a signal sent at step s is acted on at step s, or s + 1 if that agreement had begun; s <= STEPS - 2 keeps
-    both inside the epoch. Caught later than that, the run goes on to the next epoch of `epochs` and is tried there.
+
+def _position(run_dir: Path, proc: subprocess.Popen) -> tuple[int, int] | None:
+    """(epoch, step inside it) of the last `step` row; asked while the run is stopped, where it is."""
+    if proc.poll() is not None:
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before the point the test waits for")
+    rows = [r for r in metrics(run_dir) if r["event"] == "step"]
+    return (rows[-1]["epoch"], rows[-1]["step"] - rows[-1]["epoch"] * STEPS) if rows else None
+
+
+def _signal_inside_epoch(run_dir: Path, proc: subprocess.Popen, tag: str, target: int, sig: int, epoch: int) -> None:
+    """Send `sig` to rank `target` so that the run stops inside `epoch`, never at or past its end.
+
+    From its start the run goes on in slices of milliseconds (`stopped_at`) until, stopped, its last `step` row is 1 to STEPS - 2
+    steps into the epoch. The ranks agree after each step, so the signal is acted on at that step, or at the
+    next if its agreement had begun: both inside the epoch.
     """
-    for epoch in epochs:
-        _wait_for(run_dir, lambda r: _step_in_epoch(r, epoch, 1) or _step_in_epoch(r, epoch + 1, 0), proc)
-        workers = _workers(tag)
-        with frozen(list(workers.values())):
-            last = [r for r in metrics(run_dir) if r["event"] == "step"][-1]
-            if last["epoch"] == epoch and last["step"] - epoch * STEPS <= STEPS - 2:
-                os.kill(workers[target], sig)
-                return
-    raise AssertionError(f"the run was never caught inside an epoch of {list(epochs)} (steps too fast for the test's polling?)")
+    _wait_for(run_dir, _started, proc)
+    workers = _workers(tag)
+
+    def inside() -> bool:
+        at = _position(run_dir, proc)
+        assert at is None or at <= (epoch, STEPS - 2), f"the run passed step {STEPS - 2} of epoch {epoch} unseen: {at}"
+        return at is not None and at >= (epoch, 1)
+
+    with stopped_at(list(workers.values()), inside):
+        os.kill(workers[target], sig)
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -122,19 +136,19 @@ def _step_in_epoch(records, epoch: int, at_least: int) -> bool:
 
 @pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_status()[0], reason="DALI not installed"))])
 def test_a_signal_mid_epoch_checkpoints_and_the_resume_is_bit_identical(tmp_path, loader):
-    # Three epochs: the stop lands inside epoch 1 (after a whole epoch of DALI's reader), or else inside epoch 2.
-    run = [*RUN, f"data.loader={loader}", "train.epochs=3", f"train.output_dir={tmp_path}"]
+    # Inside the last epoch, after a whole epoch of DALI's reader.
+    run = [*RUN, f"data.loader={loader}", f"train.output_dir={tmp_path}"]
     cli([*run, "train.name=full"])
     proc, tag = _launch([*run, "train.name=cut"])
     try:
-        _signal_inside_epoch(tmp_path / "cut", proc, tag, 0, signal.SIGUSR1, range(1, 3))
+        _signal_inside_epoch(tmp_path / "cut", proc, tag, 0, signal.SIGUSR1, epoch=1)
         out, err = proc.communicate(timeout=300)
     finally:
         _kill(proc, tag)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "stopped by SIGUSR1" in out
     stopped = [r for r in metrics(tmp_path / "cut") if r["event"] == "stopped"]
-    assert len(stopped) == 1 and stopped[0]["epoch"] >= 1 and 1 <= stopped[0]["step"] < STEPS, stopped
+    assert len(stopped) == 1 and stopped[0]["epoch"] == 1 and 1 <= stopped[0]["step"] < STEPS, stopped
     state = checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert state["position"] == {"epoch": stopped[0]["epoch"], "step": stopped[0]["step"]}
 
@@ -152,14 +166,20 @@ def test_a_signal_mid_epoch_checkpoints_and_the_resume_is_bit_identical(tmp_path
 def test_a_signal_during_evaluation_stops_at_the_epochs_end_or_lets_the_last_epoch_finish(tmp_path, epoch):
     # After an epoch's last step the next agreement comes after evaluation: the epoch's own checkpoint is then the
     # stop checkpoint (exit 75, resume at the next epoch's start); after the last epoch there is nothing left to
-    # resume, so the run ends as usual (exit 0) instead of asking for a requeue. One image per evaluation batch
-    # makes evaluation long enough for the test to catch the run inside it.
-    run = [*RUN, "data.loader=torch", "train.eval_batch_size=1", f"train.output_dir={tmp_path}", "train.name=eval"]
+    # resume, so the run ends as usual (exit 0) instead of asking for a requeue. The quickstart's 120 val photos,
+    # one per batch, make evaluation (about 50 ms here) many of the test's slices long.
+    run = [*RUN, "data.loader=torch", "data.root=data/flowers_quickstart", "train.eval_batch_size=1",
+           f"train.output_dir={tmp_path}", "train.name=eval"]
     proc, tag = _launch(run)
     try:
-        _wait_for(tmp_path / "eval", lambda r: _step_in_epoch(r, epoch, STEPS), proc)
-        with frozen(list(_workers(tag).values())):
-            evaluated = any(r["event"] == "epoch" and r["epoch"] == epoch for r in metrics(tmp_path / "eval"))
+        _wait_for(tmp_path / "eval", _started, proc)
+
+        def evaluating() -> bool:  # the epoch's last step done, its record (written after evaluation) not yet
+            done = _position(tmp_path / "eval", proc) == (epoch, STEPS)
+            assert not any(r["event"] == "epoch" and r["epoch"] == epoch for r in metrics(tmp_path / "eval")), "evaluation passed unseen"
+            return done
+
+        with stopped_at([proc.pid], evaluating):
             os.kill(proc.pid, signal.SIGUSR1)
         out, err = proc.communicate(timeout=300)
     finally:
@@ -172,8 +192,24 @@ def test_a_signal_during_evaluation_stops_at_the_epochs_end_or_lets_the_last_epo
     else:
         assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
         stopped = metrics(tmp_path / "eval")[events.index("stopped")]
-        # Caught after its evaluation had ended (a slow poll), the run stops one step into the next epoch instead.
-        assert (stopped["epoch"], stopped["step"]) == ((1, 0) if not evaluated else (1, 1)), (stopped, evaluated)
+        assert (stopped["epoch"], stopped["step"]) == (1, 0), stopped
+
+
+def test_a_stop_signal_after_the_run_has_ended_changes_nothing(tmp_path):
+    # SLURM's batch shell resends its warning every 10 s until the job step ends, so a stop signal can come once the
+    # run's handler is gone, while W&B and the process group shut down: it must not turn exit 0 into death by it.
+    run = [*RUN, "data.loader=torch", "train.epochs=1", f"train.output_dir={tmp_path}", "train.name=late"]
+    proc, tag = _launch(run)
+    try:
+        _wait_for(tmp_path / "late", _started, proc)
+        with stopped_at([proc.pid], lambda: disposition(proc.pid, signal.SIGUSR1) != "caught"):
+            assert alive(proc.pid), "the process ended before the test saw its run's handler go"
+            os.kill(proc.pid, signal.SIGUSR1)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _kill(proc, tag)
+    assert proc.returncode == 0, (proc.returncode, err[-3000:])
+    assert metrics(tmp_path / "late")[-1]["event"] == "end"
 
 
 def test_sigterm_to_one_of_two_ranks_stops_both_and_the_resume_is_bit_identical(tmp_path):
@@ -184,14 +220,14 @@ def test_sigterm_to_one_of_two_ranks_stops_both_and_the_resume_is_bit_identical(
     try:
         _wait_for(tmp_path / "cut", lambda r: _step_in_epoch(r, 0, 1), proc)
         assert sorted(_workers(tag)) == [0, 1], _workers(tag)
-        _signal_inside_epoch(tmp_path / "cut", proc, tag, 1, signal.SIGTERM, range(0, 2))
+        _signal_inside_epoch(tmp_path / "cut", proc, tag, 1, signal.SIGTERM, epoch=0)
         out, err = proc.communicate(timeout=300)
     finally:
         _kill(proc, tag)
     assert proc.returncode != 0  # the launcher reports its workers' non-zero exit
     assert "stopped by a peer's signal" in out, out[-2000:] + err[-3000:]  # rank 0 never saw the signal itself
     stopped = [r for r in metrics(tmp_path / "cut") if r["event"] == "stopped"]
-    assert len(stopped) == 1 and 1 <= stopped[0]["step"] < STEPS, stopped
+    assert len(stopped) == 1 and stopped[0]["epoch"] == 0 and 1 <= stopped[0]["step"] < STEPS, stopped
     cli([*run, "train.name=cut"], nprocs=2)
     _assert_identical(tmp_path / "full", tmp_path / "cut")
 

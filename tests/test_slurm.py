@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY, free_port, metrics
-from procs import alive, frozen, pending, training_pids
+from procs import alive, pending, stopped_at, training_pids
 from slurm_cluster import Cluster, missing
 
 pytestmark = pytest.mark.slurm
@@ -180,11 +180,11 @@ def test_preemption_checkpoints_requeues_and_resumes_bit_identically(cluster, tw
     assert ref_info["JobState"] == "COMPLETED", ref_why
     job_id = submit(cluster, tmp_path, "pre", nodes, TWO_NODES, per_node=per_node)
     run = tmp_path / "runs" / f"pre-{job_id}"
-    _stop_inside_epoch(cluster, run, job_id, epochs=range(0, 3), workers=2)
+    _stop_inside_epoch(cluster, run, job_id, workers=2)
     info = cluster.wait(job_id, timeout=400)
     why = explain(cluster, tmp_path, "pre", job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", why
-    _assert_preempted_then_resumed(run, job_out(tmp_path, "pre", job_id), why, mid_epoch=True)
+    _assert_preempted_then_resumed(run, job_out(tmp_path, "pre", job_id), why)
     assert_same_weights(ref_out / "runs" / f"two-{ref_id}", run)
 
 
@@ -205,7 +205,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically(clu
     job_id = cluster.sbatch(["--nodes", "1", "--ntasks-per-node", "1", "--gpus-per-node=0", "--cpus-per-task", "1", "--job-name", "lim",
                              "--output", str(tmp_path / "%x-%j.out"), "--time=1", "--signal=B:USR1@50",
                              "launch/slurm.sbatch", *ONE_PROCESS, f"train.output_dir={tmp_path / 'runs'}"], env=job_env(), cwd=REPO)
-    _stop_inside_epoch(cluster, tmp_path / "runs" / f"lim-{job_id}", job_id, epochs=range(0, 3), workers=1, scancel=False)
+    _stop_inside_epoch(cluster, tmp_path / "runs" / f"lim-{job_id}", job_id, workers=1, scancel=False)
     deadline = time.time() + 200
     while time.time() < deadline and int(cluster.job(job_id).get("Restarts", 0)) < 1:
         state = cluster.job(job_id).get("JobState")
@@ -216,12 +216,11 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically(clu
     why = explain(cluster, tmp_path, "lim", job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", why
     run = tmp_path / "runs" / f"lim-{job_id}"
-    # Inside an epoch, unless a warning that came during start-up stopped the run at its first agreement.
-    _assert_preempted_then_resumed(run, job_out(tmp_path, "lim", job_id), why, mid_epoch=False)
+    _assert_preempted_then_resumed(run, job_out(tmp_path, "lim", job_id), why)
     assert_same_weights(ref_out / "runs" / f"one-{ref_id}", run)
 
 
-def _assert_preempted_then_resumed(run: Path, out: str, why: str, mid_epoch: bool) -> None:
+def _assert_preempted_then_resumed(run: Path, out: str, why: str) -> None:
     # Both attempts' lines are in the .out (--open-mode=append), each under its header.
     assert "attempt 1 (SLURM_RESTART_COUNT=0)" in out and "attempt 2 (SLURM_RESTART_COUNT=1)" in out, why
     first = out[out.index("attempt 1 (SLURM_RESTART_COUNT=0)"):out.index("attempt 2 (SLURM_RESTART_COUNT=1)")]
@@ -234,52 +233,40 @@ def _assert_preempted_then_resumed(run: Path, out: str, why: str, mid_epoch: boo
     assert events.count("start") == 1 and events.count("stopped") == 1 and events.count("resume") == 1 and events[-1] == "end", events
     stopped, resume = records[events.index("stopped")], records[events.index("resume")]
     assert stopped["signal"] == "SIGUSR1", stopped
-    # The next attempt continued from the very step where the first one stopped (inside an epoch, if asked).
+    # The next attempt continued from the very step where the first one stopped, inside an epoch.
     assert (resume["from_epoch"], resume["from_step"]) == (stopped["epoch"], stopped["step"]), (stopped, resume)
-    assert stopped["step"] > 0 or not mid_epoch, stopped
+    assert stopped["step"] > 0, stopped
 
 
-def _stop_inside_epoch(cluster: Cluster, run: Path, job_id: int, epochs: range, workers: int, scancel: bool = True,
-                       timeout: float = 180) -> None:
-    """Have SIGUSR1 reach the job's training processes while they are inside one of `epochs`, for certain.
+def _stop_inside_epoch(cluster: Cluster, run: Path, job_id: int, workers: int, scancel: bool = True, timeout: float = 180) -> None:
+    """Have SIGUSR1 reach the job's training processes while they are inside the first epoch, for certain.
 
     The signal travels batch shell -> scancel -> slurmstepd -> workers, long enough for several steps, and
-    SLURM's time-limit warning comes at its own 30 s check. So the workers are stopped (SIGSTOP) first: the
-    last `step` row is then where they are. With `scancel` the test sends the signal; without, SLURM's warning
-    does, and the stopped run cannot end before it comes. The workers are thawed once SIGUSR1 is pending in
-    each (the batch shell resends it every 10 s until the job step ends, so it comes even if an earlier one
-    arrived before their handler was installed). They agree after every step, so they stop at that step, or
-    the next if its agreement had begun: both inside the epoch when the step is at most STEPS - 2.
-
-    A warning that came while the run was starting can stop it at its first steps, before the test finds it:
-    then there is nothing left to arrange.
+    SLURM's time-limit warning comes at its own 30 s check. So from the run's start the workers go on in slices
+    of milliseconds (`stopped_at`) until, stopped, their last `step` row is 1 to STEPS - 2 steps in. With
+    `scancel` the test then sends the signal; without, SLURM's warning does, and the stopped run cannot end
+    before it comes. The workers are thawed once SIGUSR1 is pending in each (the batch shell resends it every
+    10 s until the job step ends, so it comes even if an earlier one arrived before their handler was
+    installed). They agree after every step, so they stop at that step, or the next if its agreement had begun.
     """
     deadline = time.time() + timeout
+    while not ((run / "metrics.jsonl").exists() and any(r["event"] == "start" for r in metrics(run))):
+        state = cluster.job(job_id).get("JobState")
+        assert time.time() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING"), f"the job never started its run\n{cluster.job(job_id)}"
+        time.sleep(0.05)
+    pids = list(training_pids(f"SLURM_JOB_ID={job_id}").values())
+    assert len(pids) == workers, f"expected the job's {workers} training processes, found {pids}"
 
-    def steps() -> list[dict]:
-        while time.time() < deadline:
-            rows = [r for r in metrics(run) if r["event"] == "step"] if (run / "metrics.jsonl").exists() else []
-            if rows and (rows[-1]["epoch"], rows[-1]["step"] - rows[-1]["epoch"] * STEPS) >= (epoch, 1):
-                return rows
-            if cluster.job(job_id).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"no training step in epoch {epoch} of {run} within {timeout:.0f} s\n{cluster.job(job_id)}")
+    def inside() -> bool:
+        assert all(alive(pid) for pid in pids), "the training processes ended before the test caught them"
+        rows = [r for r in metrics(run) if r["event"] == "step"]
+        at = (rows[-1]["epoch"], rows[-1]["step"] - rows[-1]["epoch"] * STEPS) if rows else None
+        assert at is None or at <= (0, STEPS - 2), f"the run passed step {STEPS - 2} of its first epoch unseen: {at}"
+        return at is not None and at >= (0, 1)
 
-    for epoch in epochs:
-        steps()
-        pids = list(training_pids(f"SLURM_JOB_ID={job_id}").values())
-        if not scancel and not pids and any(r["event"] == "stopped" for r in metrics(run)):
-            return
-        assert len(pids) == workers, f"expected the job's {workers} training processes, found {pids}"
-        with frozen(pids):
-            last = steps()[-1]
-            if last["epoch"] != epoch or last["step"] - epoch * STEPS > STEPS - 2:
-                continue  # too late in this epoch: thaw, and try the next one
-            if scancel:
-                cluster.run(["scancel", "--signal=USR1", "--batch", str(job_id)])
-            while not all(pending(pid, signal.SIGUSR1) or not alive(pid) for pid in pids):
-                assert time.time() < deadline, f"SIGUSR1 never reached the stopped workers {pids}\n{cluster.job(job_id)}"
-                time.sleep(0.05)
-            return
-    raise AssertionError(f"the job was never caught inside an epoch of {list(epochs)}")
+    with stopped_at(pids, inside, timeout=timeout):
+        if scancel:
+            cluster.run(["scancel", "--signal=USR1", "--batch", str(job_id)])
+        while not all(pending(pid, signal.SIGUSR1) for pid in pids):
+            assert time.time() < deadline, f"SIGUSR1 never reached the stopped workers {pids}\n{cluster.job(job_id)}"
+            time.sleep(0.05)
