@@ -76,6 +76,21 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def position(run_dir: Path, steps: int) -> tuple[int, int] | None:
+    """(epoch, step inside it) of the run's last `step` row (`steps` per epoch); None before the first."""
+    path = run_dir / "metrics.jsonl"
+    rows = [r for r in metrics(run_dir) if r["event"] == "step"] if path.exists() else []
+    return (rows[-1]["epoch"], rows[-1]["step"] - rows[-1]["epoch"] * steps) if rows else None
+
+
+def inside_epoch(at: tuple[int, int] | None, epoch: int, steps: int) -> bool:
+    """Whether a run stopped at `at` is 1 to steps - 2 steps into `epoch`: the ranks agree after every step, so a
+    stop signal sent now is acted on at this step or, if its agreement had begun, the next, both inside the epoch.
+    Fails if the run got past that unseen."""
+    assert at is None or at <= (epoch, steps - 2), f"the run passed step {steps - 2} of epoch {epoch} unseen: {at}"
+    return at is not None and at >= (epoch, 1)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """One tiny finished run on the sample data, shared by tests that need a checkpoint."""

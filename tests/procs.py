@@ -94,20 +94,25 @@ def alive(pid: int) -> bool:
     return bool(_states(pid) - {"Z", "X"})
 
 
+def _signal_masks(pid: int) -> dict[str, int]:
+    """The signal sets of /proc/PID/status (SigPnd, ShdPnd, SigBlk, SigIgn, SigCgt) as bit masks."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.partition(":")[::2] for line in lines)
+    return {name: int(fields[name], 16) for name in ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")}
+
+
 def pending(pid: int, signum: int) -> bool:
     """Whether `signum` waits, undelivered, for the (stopped) process: its shared or main-thread pending set."""
-    mask = 1 << (signum - 1)
     try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        masks = _signal_masks(pid)
     except OSError:
         return False
-    return any(int(line.split()[1], 16) & mask for line in lines if line.startswith(("ShdPnd:", "SigPnd:")))
+    return bool((masks["ShdPnd"] | masks["SigPnd"]) & 1 << (signum - 1))
 
 
 def disposition(pid: int, signum: int) -> str:
     """What the process does with `signum`: "caught" (a handler), "ignored", or "default"."""
-    mask = 1 << (signum - 1)
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    if int(fields["SigCgt"], 16) & mask:
+    masks, bit = _signal_masks(pid), 1 << (signum - 1)
+    if masks["SigCgt"] & bit:
         return "caught"
-    return "ignored" if int(fields["SigIgn"], 16) & mask else "default"
+    return "ignored" if masks["SigIgn"] & bit else "default"

@@ -21,7 +21,7 @@ from flowers_dist import checkpoint
 from flowers_dist.data import dali_status
 from flowers_dist.errors import EXIT_DISK, EXIT_HUNG, EXIT_PREEMPTED
 
-from conftest import REPO, TINY, cli, free_port, metrics
+from conftest import REPO, TINY, cli, free_port, inside_epoch, metrics, position
 from procs import alive, disposition, stopped_at, training_pids
 
 # Five steps per epoch, agreement on every step, so that a signal lands mid-epoch and is acted on at the next step.
@@ -96,26 +96,18 @@ def _position(run_dir: Path, proc: subprocess.Popen) -> tuple[int, int] | None:
     """(epoch, step inside it) of the last `step` row; asked while the run is stopped, where it is."""
     if proc.poll() is not None:
         raise AssertionError(f"the run ended (exit {proc.returncode}) before the point the test waits for")
-    rows = [r for r in metrics(run_dir) if r["event"] == "step"]
-    return (rows[-1]["epoch"], rows[-1]["step"] - rows[-1]["epoch"] * STEPS) if rows else None
+    return position(run_dir, STEPS)
 
 
 def _signal_inside_epoch(run_dir: Path, proc: subprocess.Popen, tag: str, target: int, sig: int, epoch: int) -> None:
     """Send `sig` to rank `target` so that the run stops inside `epoch`, never at or past its end.
 
-    From its start the run goes on in slices of milliseconds (`stopped_at`) until, stopped, its last `step` row is 1 to STEPS - 2
-    steps into the epoch. The ranks agree after each step, so the signal is acted on at that step, or at the
-    next if its agreement had begun: both inside the epoch.
+    From its start the run goes on in slices of milliseconds (`stopped_at`) until, stopped, it is inside the
+    epoch (`inside_epoch`).
     """
     _wait_for(run_dir, _started, proc)
     workers = _workers(tag)
-
-    def inside() -> bool:
-        at = _position(run_dir, proc)
-        assert at is None or at <= (epoch, STEPS - 2), f"the run passed step {STEPS - 2} of epoch {epoch} unseen: {at}"
-        return at is not None and at >= (epoch, 1)
-
-    with stopped_at(list(workers.values()), inside):
+    with stopped_at(list(workers.values()), lambda: inside_epoch(_position(run_dir, proc), epoch, STEPS)):
         os.kill(workers[target], sig)
 
 

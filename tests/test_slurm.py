@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, free_port, metrics
+from conftest import REPO, TINY, free_port, inside_epoch, metrics, position
 from procs import alive, pending, stopped_at, training_pids
 from slurm_cluster import Cluster, missing
 
@@ -243,7 +243,7 @@ def _stop_inside_epoch(cluster: Cluster, run: Path, job_id: int, workers: int, s
 
     The signal travels batch shell -> scancel -> slurmstepd -> workers, long enough for several steps, and
     SLURM's time-limit warning comes at its own 30 s check. So from the run's start the workers go on in slices
-    of milliseconds (`stopped_at`) until, stopped, their last `step` row is 1 to STEPS - 2 steps in. With
+    of milliseconds (`stopped_at`) until, stopped, they are inside the first epoch (`inside_epoch`). With
     `scancel` the test then sends the signal; without, SLURM's warning does, and the stopped run cannot end
     before it comes. The workers are thawed once SIGUSR1 is pending in each (the batch shell resends it every
     10 s until the job step ends, so it comes even if an earlier one arrived before their handler was
@@ -259,10 +259,7 @@ def _stop_inside_epoch(cluster: Cluster, run: Path, job_id: int, workers: int, s
 
     def inside() -> bool:
         assert all(alive(pid) for pid in pids), "the training processes ended before the test caught them"
-        rows = [r for r in metrics(run) if r["event"] == "step"]
-        at = (rows[-1]["epoch"], rows[-1]["step"] - rows[-1]["epoch"] * STEPS) if rows else None
-        assert at is None or at <= (0, STEPS - 2), f"the run passed step {STEPS - 2} of its first epoch unseen: {at}"
-        return at is not None and at >= (0, 1)
+        return inside_epoch(position(run, STEPS), 0, STEPS)
 
     with stopped_at(pids, inside, timeout=timeout):
         if scancel:
