@@ -37,15 +37,13 @@ def resolve_mode(cfg: TrackingConfig) -> str:
     `WANDB_MODE=` included) is a one-line error here rather than a pydantic traceback after the run has begun.
     """
     env = os.environ.get("WANDB_MODE")
-    if cfg.wandb != "auto":
-        mode = cfg.wandb
-    elif env is not None:
-        mode = _WANDB_MODES.get(env, "online")
-    else:
-        mode = "online" if has_credentials() else "offline"
-    if mode != "disabled" and env is not None and env not in _WANDB_MODES:
+    if env is not None and env not in _WANDB_MODES and cfg.wandb != "disabled":
         raise ConfigError(f"WANDB_MODE={env!r} is not a W&B mode: unset it, or set it to one of {', '.join(_WANDB_MODES)}")
-    return mode
+    if cfg.wandb != "auto":
+        return cfg.wandb
+    if env is not None:
+        return _WANDB_MODES[env]
+    return "online" if has_credentials() else "offline"
 
 
 def run_id(run_dir: Path) -> str:

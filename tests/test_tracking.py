@@ -127,19 +127,26 @@ def test_auto_mode_follows_credentials(monkeypatch, tmp_path):
     assert resolve_mode(auto) == "offline"
 
 
-@pytest.mark.parametrize("value", ["", "Offline", "off"])
-def test_a_wandb_mode_that_wandb_rejects_is_one_line_before_the_run(tmp_path, value):
+def test_a_wandb_mode_that_wandb_rejects_is_one_line_before_the_run(tmp_path, monkeypatch):
     # W&B's own settings refuse these even when init is given a mode (a pydantic traceback, seen with WANDB_MODE=).
+    message = "WANDB_MODE={!r} is not a W&B mode: unset it, or set it to one of online, run, shared, offline, dryrun, disabled"
+    for value in ("", "Offline", "off"):
+        monkeypatch.setenv("WANDB_MODE", value)
+        for wandb in ("auto", "online", "offline"):
+            with pytest.raises(ConfigError) as refused:
+                resolve_mode(config.load(None, [f"tracking.wandb={wandb}"]).tracking)
+            assert str(refused.value) == message.format(value)
+        # tracking.wandb=disabled never starts W&B, so the variable does not matter.
+        assert resolve_mode(config.load(None, ["tracking.wandb=disabled"]).tracking) == "disabled"
+    # As a user meets it: one line, exit 2, before the run has a folder; and a disabled run trains.
     proc = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "tracking.wandb=offline", f"train.output_dir={tmp_path}"],
-               env={"WANDB_MODE": value}, check=False)
+               env={"WANDB_MODE": ""}, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("flowers-dist: error:")]
-    assert errors == [f"flowers-dist: error: WANDB_MODE={value!r} is not a W&B mode: unset it, or set it to one of "
-                      "online, run, shared, offline, dryrun, disabled"], proc.stderr[-2000:]
+    assert errors == ["flowers-dist: error: " + message.format("")], proc.stderr[-2000:]
     assert not any(tmp_path.iterdir()), "a refused run left a folder behind"
-    # tracking.wandb=disabled never starts W&B, so the variable does not matter.
     ok = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "tracking.wandb=disabled", "train.epochs=1",
-              "train.max_steps_per_epoch=1", f"train.output_dir={tmp_path}"], env={"WANDB_MODE": value})
+              "train.max_steps_per_epoch=1", f"train.output_dir={tmp_path}"], env={"WANDB_MODE": ""})
     assert ok.returncode == 0
 
 
