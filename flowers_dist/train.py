@@ -94,11 +94,10 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                backward=torch.Tensor.backward) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step (forward, loss, backward, update); `backward` is Accelerate's under DDP or mixed precision."""
-    logits = model(images)
-    loss = batch_loss(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    backward(loss)
+    """One optimizer step (forward, loss, backward, update) of one micro-batch; `backward` is Accelerate's under DDP
+    or mixed precision. The loop's micro_step does the forward and backward, so bench and gpu_check time its work."""
+    optimizer.zero_grad(set_to_none=True)  # host-only (set_to_none): before the forward as well as after it
+    logits, loss = micro_step(model, images, labels, backward, accum=1, syncs=True, no_sync=None)
     optimizer.step()
     return logits, loss
 
