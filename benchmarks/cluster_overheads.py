@@ -42,7 +42,7 @@ def cpu_model() -> str:
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     import timm
 
-    from flowers_dist import checkpoint
+    from flowers_dist import checkpoint_file
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -71,7 +71,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             step_times.append(time.perf_counter() - t)
 
     # The loop's side of a periodic checkpoint: gather parts (collective), state dicts, CPU copy for the writer.
-    writer = checkpoint.BackgroundWriter()
+    writer = checkpoint_file.BackgroundWriter()
     waits = []
     with tempfile.TemporaryDirectory() as folder:
         for i in range(3):
@@ -80,7 +80,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             parts: list = [None] * world
             dist.all_gather_object(parts, {"sums": [0.0, 0.0, 8.0], "loader": None})
             if rank == 0:
-                state = {"format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(), "parts": parts}
+                state = {"format": checkpoint_file.FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(), "parts": parts}
                 writer.save(state, [Path(folder) / f"step-{i}.pt", Path(folder) / "last.pt"])
             waits.append(time.perf_counter() - t)
             if rank == 0:

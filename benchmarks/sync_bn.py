@@ -2,7 +2,7 @@
 
 Both settings run in turns (`--rounds`), in the same 2 processes, so that load from other jobs
 falls on both alike; each turn runs `--warmup` untimed steps and then `--steps` timed ones of the
-loop's own `train_step` (forward, loss, backward with DDP's gradient all-reduce, SGD). The
+loop's own step (`steps.optimizer_step`) (forward, loss, backward with DDP's gradient all-reduce, SGD). The
 difference of the medians is what synchronising BatchNorm adds: one all-reduce of (2C + 1)
 floats per BatchNorm layer in the forward and one in the backward (20 layers in ResNet-18).
 Prints the table and writes benchmarks/results/sync_bn-<host>.json.
@@ -40,7 +40,7 @@ def _worker(rank: int, store_path: str, args: argparse.Namespace, out: str) -> N
 
     from flowers_dist.config import OptimConfig
     from flowers_dist.sync_bn import convert
-    from flowers_dist.train import build_optimizer, train_step
+    from flowers_dist.steps import build_optimizer, one_batch_step
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD)
@@ -59,11 +59,11 @@ def _worker(rank: int, store_path: str, args: argparse.Namespace, out: str) -> N
     for _ in range(args.rounds):
         for mode, (model, opt) in models.items():
             for _ in range(args.warmup):
-                train_step(model, opt, images, labels)
+                one_batch_step(model, opt, images, labels)
             for _ in range(args.steps):
                 dist.barrier()  # both ranks start the step together: a step's time is then the slower rank's
                 start = time.perf_counter()
-                train_step(model, opt, images, labels)
+                one_batch_step(model, opt, images, labels)
                 times[mode].append(time.perf_counter() - start)
     if rank == 0:
         Path(out).write_text(json.dumps(times))

@@ -2,7 +2,7 @@
 
 One owner for the whole life of checkpoints (as torchtitan's CheckpointManager): the loop hands
 it plain parts (model, optimizer, position, per-rank loader states) and asks it to save or to
-restore; file format and integrity live in checkpoint.py, the folder lock in run_lock.py.
+restore; file format and integrity live in checkpoint_file.py, the folder lock in run_lock.py.
 
 Files in `<run>/checkpoints/`: every save writes `step-<global step>.pt` once and gives it the
 names `last.pt` (and `best.pt` after a best epoch) as hard links; the newest `train.keep_checkpoints`
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
+from . import checkpoint_file
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError
 from .run_lock import RunLock
@@ -83,7 +83,7 @@ class CheckpointManager:
         self.dir = self.run_dir / "checkpoints"
         self.cfg = cfg
         self.is_main = is_main
-        self.writer = checkpoint.BackgroundWriter()
+        self.writer = checkpoint_file.BackgroundWriter()
         self.lock = RunLock(self.run_dir, stale_after=max(600.0, 2 * cfg.watchdog))
         self._last_save = time.monotonic()
 
@@ -138,7 +138,7 @@ class CheckpointManager:
         notes = []
         for path in self.candidates():
             try:
-                checkpoint.load(path)
+                checkpoint_file.load(path)
             except CheckpointError as exc:
                 notes.append(str(exc))
                 continue
@@ -150,8 +150,7 @@ class CheckpointManager:
     # -- what a checkpoint holds -------------------------------------------------------------
     def state(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
               rank_sums: list[list[float]], loader_states: list[str | None], world: int,
-              config: dict[str, Any], classes: list[str], extra: dict[str, Any] | None = None,
-              scaler: Any = None) -> dict[str, Any]:
+              config: dict[str, Any], classes: list[str], scaler: Any = None) -> dict[str, Any]:
         """The checkpoint of the run at `progress.position`; rank_sums and loader_states hold every rank's.
 
         `scaler`: fp16's GradScaler, whose loss scale a resume must continue from (a fresh one restarts
@@ -159,34 +158,35 @@ class CheckpointManager:
         """
         pos = progress.position
         return {
-            "format": checkpoint.FORMAT,
+            "format": checkpoint_file.FORMAT,
             # The last completed epoch (-1 before the first), as eval, predict and reports read it.
             "epoch": pos.epoch - 1,
             "position": {"epoch": pos.epoch, "step": pos.step},
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": checkpoint.rng_state(), "config": config, "classes": classes,
+            "rng": checkpoint_file.rng_state(), "config": config, "classes": classes,
             "best": progress.best, "elapsed": progress.elapsed, "world_size": world,
             "loader_states": loader_states, "epoch_sums": rank_sums,
-            "scaler": scaler.state_dict() if scaler is not None else None, **(extra or {}),
+            "scaler": scaler.state_dict() if scaler is not None else None,
         }
 
     def restore(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 rank: int, world: int, scaler: Any = None) -> Progress:
-        """Load weights, optimizer, generators (and fp16's loss scale); return where training continues."""
+        """Load weights, optimizer, generators (and fp16's loss scale); return where training continues.
+
+        `state` is one that `state()` wrote (checkpoint_file.load has checked its header, digest and format)."""
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
+        if scaler is not None and state["scaler"] is not None:  # None: the run was saved without fp16
             scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        pos = state.get("position") or {"epoch": state["epoch"] + 1, "step": 0}
-        progress = Progress(Position(pos["epoch"], pos["step"]), {"time_to_target": None, **state["best"]},
-                            state.get("elapsed", 0.0))
+        checkpoint_file.set_rng_state(state["rng"])
+        pos = state["position"]
+        progress = Progress(Position(pos["epoch"], pos["step"]), dict(state["best"]), state["elapsed"])
         # Per-rank loader positions and sums only mean something for the same shards, i.e. the same world size.
-        same_world = state.get("world_size") == world
-        loaders = state.get("loader_states") or []
+        same_world = state["world_size"] == world
+        loaders = state["loader_states"]
         if same_world and len(loaders) == world:
             progress.loader_state = loaders[rank]
-        sums = state.get("epoch_sums") or []
+        sums = state["epoch_sums"]
         if progress.position.step > 0 and sums:
             if same_world and len(sums) == world:
                 progress.epoch_sums = sums[rank]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -271,14 +272,33 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as PyYAML's safe loader reads it, except that only true/false are booleans (YAML 1.2's rule).
+
+    YAML 1.1 also reads yes/no/on/off as booleans, so `train.mixed_precision=no` would arrive as False
+    and `model.sync_bn: off` as a bool. Kept as the text typed, every documented choice reads as
+    written; a true/false key still accepts yes/no/on/off (YAML11_BOOLEANS).
+    """
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+YAML11_BOOLEANS = {word: truth for words, truth in (("yes Yes YES on On ON", True), ("no No NO off Off OFF", False))
+                   for word in words.split()}
+"""The spellings YAML 1.1 reads as booleans, which ConfigLoader leaves as text; a true/false key takes them."""
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check one value against its annotation; ints are accepted where floats are expected."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
-        if isinstance(value, bool) and "on" in choices and "off" in choices:
-            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
-        if value not in choices:
+        if isinstance(value, bool) or value not in choices:  # True == 1: a bool must not pass as a choice
             raise ConfigError(f"config key '{key}': must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
     if origin is tuple:
@@ -293,6 +313,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         raise TypeError(f"unsupported annotation for {key}")  # keep the schema simple on purpose
     if hint is bool:
+        if isinstance(value, str) and value in YAML11_BOOLEANS:  # the loader keeps yes/no/on/off as typed
+            return YAML11_BOOLEANS[value]
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}': must be true or false; got {value!r}")
         return value
@@ -352,7 +374,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override key '{dotted}' must be section.key (e.g. optim.lr=0.01)")
         section, key = parts
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, ConfigLoader) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{item}': value is not valid YAML ({yaml_problem(exc)})") from None
         current = data.setdefault(section, {})
@@ -367,7 +389,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), ConfigLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     return data or {}

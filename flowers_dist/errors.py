@@ -21,7 +21,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing or unreadable, phrased as one line."""
 
 
-USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError)
+class MetricsError(ValueError):
+    """A whole line of metrics.jsonl that is not a JSON object, phrased as one line that names the line."""
+
+
+USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError, MetricsError)
 
 
 class PreemptedError(RuntimeError):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
 
-from . import checkpoint
+from . import checkpoint_file
 from .config import from_dict
 from .data import Placement, build_loader, scan_split
 from .data.contract import DeviceNormalizer
@@ -20,12 +19,10 @@ from .distributed import make_accelerator, placement
 from .evaluate import EvalResult, local_counts
 from .model import build_model
 
-log = logging.getLogger(__name__)
-
 
 def load_trained(path: str | Path, device: torch.device):
     """Model with the checkpoint's weights, its config and class list."""
-    state = checkpoint.load(path)
+    state = checkpoint_file.load(path)
     cfg = from_dict(state["config"])
     cfg.model.pretrained = "none"  # the checkpoint brings every weight
     model = build_model(cfg.model, len(state["classes"]))
@@ -86,19 +83,20 @@ def predict(checkpoint_path: str | Path, inputs: list[str], topk: int, batch_siz
     results = []
     paths = image_paths(inputs)
     for start in range(0, len(paths), batch_size):
+        # One result per file, in input order; a file that does not load is said once, by its result (no log line too).
+        rows: list[dict] = []
         batch, kept = [], []
         for path in paths[start : start + batch_size]:
+            rows.append({"path": str(path)})
             try:
                 batch.append(transform(load_rgb(path, cfg.data.max_pixels)))
-                kept.append(path)
+                kept.append(rows[-1])
             except (OSError, ValueError, SyntaxError) as exc:
-                log.warning("skipping unreadable image %s: %s", path, exc)
-                results.append({"path": str(path), "error": str(exc)})
-        if not batch:
-            continue
-        images, _ = normalize(torch.stack(batch), torch.zeros(len(batch), dtype=torch.int64))
-        probs = model(images).float().softmax(1)
-        top = probs.topk(k, dim=1)
-        for path, p, i in zip(kept, top.values.tolist(), top.indices.tolist()):
-            results.append({"path": str(path), "top": [{"class": classes[c], "prob": q} for c, q in zip(i, p)]})
+                rows[-1]["error"] = str(exc).replace(f" {str(path)!r}", "")  # PIL repeats the path the row names
+        if batch:
+            images, _ = normalize(torch.stack(batch), torch.zeros(len(batch), dtype=torch.int64))
+            top = model(images).float().softmax(1).topk(k, dim=1)
+            for row, p, i in zip(kept, top.values.tolist(), top.indices.tolist()):
+                row["top"] = [{"class": classes[c], "prob": q} for c, q in zip(i, p)]
+        results += rows
     return results

@@ -1,82 +1,67 @@
-"""Everything only the main process does: the run folder's records, metrics, W&B, console and progress.
+"""Everything only the main process does, through one object: the run folder's files, the record's sinks, the console, the clock.
 
 Every rank holds a Recorder and calls it the same way; on the other ranks each call does
-nothing. This keeps `if is_main` out of the training loop.
-
-Every number goes to metrics.jsonl and, when tracking is on, to W&B with one monotonically
-increasing `step` (the global optimizer step) on every call: W&B silently drops rows when
-calls with and without `step` are mixed. Records logged at the same step merge into one row.
+nothing (except `finish`, which every rank must reach). This keeps `if is_main` out of the
+training loop. The Recorder only dispatches: records go to the sinks (sinks.py: metrics.jsonl
+through metrics_log, W&B), lines and the progress bar to the Console, run time to the RunClock.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import sys
-import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-import torch
-
-from . import resume_check, tracking
+from . import metrics_log, resume_check, tracking
 from .config import Config, TrackingConfig, dump
-from .errors import DiskError
-
-
-def environment(world_size: int, num_nodes: int, device: torch.device) -> dict[str, Any]:
-    """Code version, library versions and hardware, saved with every run."""
-    import accelerate
-    import timm
-    import torchvision
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device.type == "cuda" else [platform.processor() or platform.machine()]
-    return {
-        "git_commit": commit,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "accelerate": accelerate.__version__,
-        "host": platform.node(),
-        "device_type": device.type,
-        "devices": devices,
-        "cpu_count": os.cpu_count(),
-        "world_size": world_size,
-        "num_nodes": num_nodes,
-    }
+from .console import Console
+from .run_clock import RunClock
+from .sinks import Record, Sink, SinkContext, for_run
 
 
 class Recorder:
+    """The one object for what only the main process does; it holds its parts and passes each call on.
+
+    The positional arguments choose the default parts (the sinks of sinks.SINKS that this run has, a
+    Console, a RunClock); `sinks`, `console` and `clock` may be given instead. `accelerator` feeds the
+    W&B sink and closes the trackers in `finish`, on every rank.
+    """
+
     def __init__(self, run_dir: Path, is_main: bool, progress: str, accelerator=None,
-                 tracking_cfg: TrackingConfig | None = None, wandb_mode: str = "disabled"):
-        self.run_dir = run_dir
+                 tracking_cfg: TrackingConfig | None = None, wandb_mode: str = "disabled", *,
+                 sinks: Sequence[Sink] | None = None, console: Console | None = None, clock: RunClock | None = None):
+        self.run_dir = Path(run_dir)
         self.is_main = is_main
-        self.use_bar = is_main and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
-        self.started = time.perf_counter()
-        self._bar = None
-        self._accelerator = accelerator  # every rank calls end_training (it tears down the process group)
-        self._tracking_cfg = tracking_cfg
-        self._wandb = is_main and accelerator is not None and tracking_cfg is not None and wandb_mode != "disabled"
-        self._wandb_mode = wandb_mode
-        self._classes: list[str] = []
-        self._wandb_offset = 0  # see tracking.step_offset
+        self.console = console or Console(is_main, progress)
+        self.clock = clock or RunClock()
+        self._accelerator = accelerator
+        if not is_main:
+            sinks = ()  # only the main process records
+        elif sinks is None:
+            sinks = for_run(SinkContext(self.run_dir, accelerator, tracking_cfg, wandb_mode, self.console.print))
+        self.sinks: list[Sink] = list(sinks)
+        # After a resume that trains again steps a tracker has seen, rows are logged past them as `wandb_step`;
+        # metrics.jsonl keeps both numbers, and the next resume reads them back (tracking.step_offset).
+        self._tracker_offset = 0
+
+    # -- clock ------------------------------------------------------------------------------
+    @property
+    def started(self) -> float:
+        """perf_counter() at the run's start, moved back by the run time before a resume."""
+        return self.clock.started
 
     def continue_clock(self, elapsed: float) -> None:
         """After a resume, count run time on from where the checkpoint left it (training time, not wall time between)."""
-        self.started = time.perf_counter() - elapsed
+        self.clock.continue_from(elapsed)
+
+    def elapsed(self) -> float:
+        return self.clock.elapsed()
 
     # -- run folder -------------------------------------------------------------------------
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return metrics_log.path_of(self.run_dir)
 
     def start(self, cfg: Config, classes: Iterable[str], env: dict[str, Any], start_epoch: int, resumed: bool,
               start_step: int = 0, global_step: int = 0, resume_note: dict[str, Any] | None = None) -> None:
@@ -84,136 +69,88 @@ class Recorder:
         resume_note: the resume's overrides, changed keys and --force."""
         if not self.is_main:
             return
+        classes = list(classes)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.repair_metrics()
         if resumed:  # config.yaml keeps what the run was started with; each resume adds a line beside it
             note = resume_note or {"overrides": [], "changed": {}, "forced": False}
             resume_check.record(self.run_dir, note["overrides"], note["changed"], note["forced"], start_epoch,
                                 env["world_size"])
-            if self.metrics_path.is_file():
-                records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-                self._wandb_offset = tracking.step_offset(records, global_step)
+            self._tracker_offset = tracking.step_offset(metrics_log.read(self.metrics_path), global_step)
         else:
             dump(cfg, self.run_dir / "config.yaml")
-        (self.run_dir / "classes.json").write_text(json.dumps(list(classes), indent=1) + "\n")
+        (self.run_dir / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
         (self.run_dir / "environment.json").write_text(json.dumps(env, indent=1) + "\n")
+        for sink in self.sinks:
+            sink.start(cfg, classes, env)
         # A killed run can have logged an epoch whose checkpoint never landed; it is trained again
-        # after a resume, and readers keep the last record of each epoch.
+        # after a resume, and readers keep the last record of each epoch (metrics_log.latest_per).
         self.log({"event": "resume" if resumed else "start", "from_epoch": start_epoch, "from_step": start_step,
                   "world_size": env["world_size"], "devices": env["devices"]})
-        self._classes = list(classes)
-        if self._wandb:
-            self._accelerator.init_trackers(self._tracking_cfg.project, config=tracking.run_config(cfg, env, self._classes),
-                                            init_kwargs=tracking.init_kwargs(self._tracking_cfg, self._wandb_mode, self.run_dir))
-            if self._wandb_mode == "offline":
-                run = self._accelerator.get_tracker("wandb", unwrap=True)
-                self.print(f"W&B is offline (no credentials, or asked for); upload later with: wandb sync {Path(run.dir).parent}")
 
+    # -- records ----------------------------------------------------------------------------
     def log_step(self, record: dict[str, Any]) -> None:
         """One `step` row: training loss, learning rate and throughput over the last log interval."""
-        if not self.is_main:
-            return
-        record = self._with_wandb_step(record)
-        self.log({"event": "step", **record})
-        if self._wandb:
-            self._accelerator.log(tracking.step_values(record), step=record.get("wandb_step", record["step"]))
+        if self.is_main:
+            record = {"event": "step", **self._on_tracker_axis(record)}
+            for sink in self.sinks:
+                sink.log_step(record)
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         """One `epoch` row: train/val accuracy, per-class accuracy, the confusion matrix, epoch timing."""
-        if not self.is_main:
-            return
-        record = self._with_wandb_step(record)
-        self.log({"event": "epoch", **record})
-        if self._wandb:
-            self._accelerator.log(tracking.epoch_values(record, self._classes), step=record.get("wandb_step", record["step"]))
+        if self.is_main:
+            record = {"event": "epoch", **self._on_tracker_axis(record)}
+            for sink in self.sinks:
+                sink.log_epoch(record)
 
-    def _with_wandb_step(self, record: dict[str, Any]) -> dict[str, Any]:
-        # After a resume that trains again steps W&B has seen, log past them; metrics.jsonl keeps both numbers.
-        return {**record, "wandb_step": record["step"] + self._wandb_offset} if self._wandb_offset else record
+    def _on_tracker_axis(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "wandb_step": record["step"] + self._tracker_offset} if self._tracker_offset else record
 
     def log_data_check(self, record: dict[str, Any]) -> None:
         """The `data_check` row (files the check left out, and why); in W&B as summary values, which need no step."""
-        if not self.is_main:
-            return
-        self.log(record)
-        if self._wandb:
-            run = self._accelerator.get_tracker("wandb", unwrap=True)
-            run.summary.update({"data/skipped": record["skipped"],
-                                **{f"data/skipped_{kind}": n for kind, n in record["skipped_by_kind"].items()}})
+        if self.is_main:
+            for sink in self.sinks:
+                sink.log_data_check(record)
+
+    def log(self, record: Record) -> None:
+        """Any other record (it carries its own `event`): to metrics.jsonl, and to each sink that has a place for it.
+
+        metrics.jsonl gets the line whole or not at all; a full disk is a one-line DiskError (metrics_log.append).
+        """
+        if self.is_main:
+            for sink in self.sinks:
+                sink.log_event(record)
 
     def finish(self, record: dict[str, Any] | None = None) -> None:
         """The `end` record (also the W&B summary), then close the trackers. Every rank calls this.
 
         Without a record (a stopped run) W&B is still closed, so what it logged is flushed to disk.
         """
-        if self.is_main and record is not None:
-            self.log({"event": "end", **record})
-            if self._wandb:
-                run = self._accelerator.get_tracker("wandb", unwrap=True)
-                run.summary.update({f"run/{k}": v for k, v in record.items() if k != "weights_digest_per_rank"})
+        if self.is_main:
+            end = None if record is None else {"event": "end", **record}
+            for sink in self.sinks:
+                sink.finish(end)
         if self._accelerator is not None:
-            self._accelerator.end_training()
-
-    def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line and push it to disk, whole or not at all.
-
-        The line goes out in one write on an O_APPEND descriptor; if the write fails or is short
-        (a full disk), the file is cut back to where it was, so no half line is ever left for the
-        next record to be glued onto, and the failure is a one-line DiskError.
-        """
-        if not self.is_main:
-            return
-        line = (json.dumps({"time": round(time.time(), 3), **record}) + "\n").encode()
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            try:
-                written = os.write(fd, line)
-                if written != len(line):
-                    raise OSError(28, "No space left on device (short write)")
-                os.fsync(fd)
-            except OSError as exc:
-                try:
-                    os.ftruncate(fd, size)
-                except OSError:
-                    pass
-                raise DiskError(f"cannot write {self.metrics_path}: {exc.strerror or exc}") from exc
-        finally:
-            os.close(fd)
+            self._accelerator.end_training()  # on every rank: it also tears down the process group
 
     def repair_metrics(self) -> None:
         """Drop a torn last line (a run killed mid-write before lines were written whole), with a warning."""
-        path = self.metrics_path
-        if not path.is_file():
+        if not self.is_main:
             return
-        data = path.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return
-        keep = data.rfind(b"\n") + 1
-        with open(path, "r+b") as fh:
-            fh.truncate(keep)
-        self.print(f"warning: {path}: dropped a torn last line ({len(data) - keep} bytes) left by an interrupted write")
+        dropped = metrics_log.repair(self.metrics_path)
+        if dropped:
+            self.print(f"warning: {self.metrics_path}: dropped a torn last line ({dropped} bytes) left by an interrupted write")
 
     # -- console ----------------------------------------------------------------------------
     def print(self, message: str) -> None:
-        if self.is_main:
-            print(message, flush=True)
+        self.console.print(message)
 
-    def epoch_bar(self, total: int, epoch: int, epochs: int):
-        if self.use_bar:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True, leave=False)
+    def epoch_bar(self, total: int, epoch: int, epochs: int) -> Recorder:
+        self.console.epoch_bar(total, epoch, epochs)
         return self
 
     def advance(self, steps: int, loss: float | None = None, images_per_s: float | None = None) -> None:
-        if self._bar is None:
-            return
-        self._bar.update(steps)
-        if loss is not None:
-            self._bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.0f}" if images_per_s else "-", refresh=False)
+        self.console.advance(steps, loss, images_per_s)
 
     def close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self.console.close_bar()

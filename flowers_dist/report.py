@@ -6,27 +6,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import metrics_log
 from .config import ConfigError
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
-    """The records of a run: a cut-off last line is skipped, and after a resume the last record per epoch/step wins."""
-    path = run_dir / "metrics.jsonl"
+    """The records of a run (metrics_log's rule: a line counts once it is whole); after a resume the last
+    record per epoch and per step wins."""
+    path = metrics_log.path_of(run_dir)
     if not path.is_file():
         raise ConfigError(f"report {run_dir}: no metrics.jsonl there; is it a run folder?")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written when the run was killed
-    epochs = {r["epoch"]: r for r in records if r.get("event") == "epoch"}
-    steps = {r["step"]: r for r in records if r.get("event") == "step"}
-    ends = [r for r in records if r.get("event") == "end"]
+    records = metrics_log.read(path)
+    ends = metrics_log.events(records, "end")
     classes_file = run_dir / "classes.json"
     classes = json.loads(classes_file.read_text()) if classes_file.is_file() else None
-    return {"epochs": [epochs[k] for k in sorted(epochs)], "steps": [steps[k] for k in sorted(steps)],
-            "end": ends[-1] if ends else None, "classes": classes, "starts": [r for r in records if r.get("event") in ("start", "resume")]}
+    return {"epochs": metrics_log.latest_per(records, "epoch", "epoch"), "steps": metrics_log.latest_per(records, "step", "step"),
+            "end": ends[-1] if ends else None, "classes": classes,
+            "starts": [r for r in records if r.get("event") in ("start", "resume")]}
 
 
 def summary_text(run_dir: Path, m: dict[str, Any], target: float | None) -> str:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -129,14 +130,6 @@ def _stderr_captured():
             sys.stderr.write(out[0])
 
 
-def _endless(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def rate_windows(next_images, device, seconds: float, repeats: int, warmup: int = 4) -> list[float]:
     """Images/s over `repeats` back-to-back windows of at least `seconds`, after `warmup` calls.
 
@@ -145,7 +138,7 @@ def rate_windows(next_images, device, seconds: float, repeats: int, warmup: int 
     the end. (Timing from a pause, the queue fills while idle and the first window gets its
     contents for free; the old figures were up to ~10% high that way.)
     """
-    from flowers_dist.train import sync
+    from flowers_dist.steps import sync
 
     for _ in range(warmup):
         next_images()
@@ -216,6 +209,7 @@ def delayed_read(cfg, split, device, batch: int, zero_copy: bool = False) -> dic
     import torch
     from flowers_dist.data import Placement
     from flowers_dist.data import dali as dali_module
+    from flowers_dist.steps import endless
 
     saved = dali_module.OWN_THE_BATCH
     if zero_copy:
@@ -224,7 +218,7 @@ def delayed_read(cfg, split, device, batch: int, zero_copy: bool = False) -> dic
         loader = dali_module.build_dali_loader(cfg, split, True, batch, Placement(0, 1, device, workers=4), seed=0)
     finally:
         dali_module.OWN_THE_BATCH = saved
-    batches = _endless(loader)
+    batches = endless(loader)
     images, _ = next(batches)
     on_gpu = device.type == "cuda"
     if on_gpu:
@@ -260,7 +254,7 @@ def sync_free_steps(precision: str, device, num_classes: int, batch: int, size: 
     from flowers_dist.distributed import make_accelerator
     from flowers_dist.evaluate import local_counts
     from flowers_dist.model import build_model
-    from flowers_dist.train import build_optimizer, step_counts, train_step
+    from flowers_dist.steps import build_optimizer, one_batch_step
 
     AcceleratorState._reset_state(True)  # each precision gets its own Accelerator in this one process
     GradientState._reset_state()
@@ -275,8 +269,7 @@ def sync_free_steps(precision: str, device, num_classes: int, batch: int, size: 
     def run() -> None:
         model.train()
         for images, labels in batches:
-            logits, loss = train_step(model, optimizer, images, labels, accelerator.backward)
-            sums.add_(step_counts(loss, logits, labels))
+            sums.add_(one_batch_step(model, optimizer, images, labels, accelerator.backward))
         with accelerator.autocast():
             local_counts(accelerator.unwrap_model(model), batches, num_classes, device)
 
@@ -323,7 +316,7 @@ def hw_decoder(files: list[str], device, plan: Plan) -> dict:
 
     logs: list[str] = []
     dmon = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) \
-        if _which("nvidia-smi") else None
+        if shutil.which("nvidia-smi") else None
     hw = rates(1.0)
     jpg = None
     if dmon is not None:
@@ -340,17 +333,14 @@ def hw_decoder(files: list[str], device, plan: Plan) -> dict:
             "capabilities": os.environ.get("NVIDIA_DRIVER_CAPABILITIES", "(unset)")}
 
 
-def _which(name: str) -> bool:
-    return any((Path(p) / name).exists() for p in os.environ.get("PATH", "").split(os.pathsep))
-
-
 def loader_rates(cfg, split, device, plan: Plan) -> list[float]:
     """Loader-only images/s in back-to-back windows (see rate_windows), on the long training split."""
     from flowers_dist.data import Placement, build_loader
+    from flowers_dist.steps import endless
 
     workers = max(1, len(os.sched_getaffinity(0)))
     loader = build_loader(cfg, split, train=True, batch_per_rank=plan.batch, placement=Placement(0, 1, device, workers=workers), seed=0)
-    batches = _endless(loader)
+    batches = endless(loader)
     return rate_windows(lambda: next(batches)[0].shape[0], device, plan.window, plan.repeats)
 
 
@@ -380,6 +370,7 @@ def end_to_end(data_root: Path, out: Path, batch: int, plan: Plan) -> dict:
     """
     from accelerate.state import AcceleratorState, GradientState
     from flowers_dist import config as config_module
+    from flowers_dist import metrics_log
     from flowers_dist.train import train
 
     log_every = plan.e2e_log_every(batch)
@@ -397,7 +388,7 @@ def end_to_end(data_root: Path, out: Path, batch: int, plan: Plan) -> dict:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     run_dir = train(cfg, "gpu_check")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_log.read(metrics_log.path_of(run_dir))
     epochs = [r for r in rows if r.get("event") == "epoch"]
     per_epoch = epochs[0]["step"] // (epochs[0]["epoch"] + 1)  # an epoch row's step is (epoch + 1) x steps per epoch
     # Full windows only (an epoch's last, shorter one ends early), after the warm-up epoch.

@@ -6,6 +6,9 @@ metrics.jsonl and the signal's arrival can carry the run past the epoch (CI saw 
 signal waits as pending until they are thawed, and the run acts on it at its next agreement. `stopped_at`
 lets them run in slices of a few milliseconds between looks, so that no step (tens of milliseconds at the
 tests' sizes) can pass unseen, however fast the machine.
+
+Runs started in the background (`launch`) carry a tag in their environment, by which `workers` finds their training
+processes and `kill` ends them, torchrun's included (its workers live in sessions of their own).
 """
 
 from __future__ import annotations
@@ -13,9 +16,52 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
+import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+from conftest import REPO, cli_env, command, metrics
+
+
+def launch(args: list[str], nprocs: int = 1, env: dict | None = None, launcher: str = "accelerate") -> tuple[subprocess.Popen, str]:
+    """Start `flowers_dist ARGS` in the background as `conftest.cli` runs it; returns the process and its launch's tag."""
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(command(args, nprocs, launcher), cwd=REPO, env=cli_env(nprocs, {**(env or {}), "FLOWERS_TEST_TAG": tag}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return proc, tag
+
+
+def workers(tag: str) -> dict[int, int]:
+    """rank -> pid of the training processes of one `launch`."""
+    return training_pids(f"FLOWERS_TEST_TAG={tag}")
+
+
+def kill(proc: subprocess.Popen, tag: str | None = None) -> None:
+    """Kill a launch's process group and, by their tag, its training processes; then collect its output."""
+    for pid in workers(tag).values() if tag else ():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+def wait_for(run_dir: Path, predicate: Callable[[list[dict[str, Any]]], bool], proc: subprocess.Popen,
+             timeout: float = 300) -> list[dict[str, Any]]:
+    """Poll the run's metrics.jsonl until predicate(records) holds; fail if the process ends first, or at the timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the expected point\n{out[-2000:]}\n{err[-4000:]}")
+        records = metrics(run_dir)
+        if predicate(records):
+            return records
+        time.sleep(0.05)
+    kill(proc)
+    raise AssertionError("timed out waiting for the run")
 
 
 def training_pids(marker: str) -> dict[int, int]:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from flowers_dist.data.torch_loader import ImageFiles, UnreadableImage, collate_
 from flowers_dist.data.folder import scan_split
 
 from broken_files import broken_dataset
-from conftest import SAMPLE, TINY, cli, metrics
+from conftest import REPO, SAMPLE, TINY, cli, metrics
 
 # The files of broken_dataset that training leaves out: per split 6 broken kinds (truncated, zero
 # bytes, text, 1x1, huge, garbled; the symlink loops are not files to scan_split, so no loader ever
@@ -44,16 +45,17 @@ def test_an_empty_batch_trains_to_nothing_and_keeps_batchnorm_finite():
     """What a rank does in a step whose every image was unreadable: zero loss, zero gradients, BN untouched."""
     import timm
 
-    from flowers_dist.train import train_step
+    from flowers_dist.steps import LOSS_SUM, COUNT, micro_step, one_batch_step
 
     images, labels = collate_skipping([None, None], size=32)
     assert images.shape == (0, 3, 32, 32) and labels.shape == (0,)
     model = timm.create_model("resnet18", num_classes=5, pretrained=False).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _, loss = train_step(model, optimizer, images.float(), labels)
+    _, loss = micro_step(model, images.float(), labels, torch.Tensor.backward, accum=1, syncs=True, no_sync=None)
     assert loss.item() == 0.0  # mean cross-entropy over 0 samples would be NaN
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())  # joins DDP's all-reduce with zeros
+    optimizer.step()
     after = model.state_dict()
     for k, v in before.items():
         if k.endswith("num_batches_tracked"):
@@ -63,7 +65,8 @@ def test_an_empty_batch_trains_to_nothing_and_keeps_batchnorm_finite():
     # And for n > 0 the loss is the usual mean.
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
     model.eval()
-    _, loss = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y)
+    sums = one_batch_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y)
+    loss = (sums[LOSS_SUM] / sums[COUNT]).float()
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(model(x), y), atol=1e-6)
 
 
@@ -80,6 +83,7 @@ def torch_run(broken, tmp_path_factory) -> tuple[Path, str]:
     return out / "r", _train(broken, out, "r", "torch").stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("loader,nprocs", [("dali", 1), ("torch", 1), ("dali", 2), ("torch", 2)])
 def test_training_skips_what_does_not_decode(broken, torch_run, tmp_path, loader, nprocs):
     if loader == "dali":
@@ -99,6 +103,7 @@ def test_training_skips_what_does_not_decode(broken, torch_run, tmp_path, loader
     assert "different weights" not in stdout
 
 
+@pytest.mark.e2e
 def test_torch_loader_survives_empty_batches_on_two_processes_without_the_check(tmp_path):
     """data.check=false: the PyTorch loader meets the broken files itself. One image per rank and step,
     and every train/daisy file broken, so ranks often get an empty batch while the other has one.
@@ -124,6 +129,7 @@ def checkpoint(torch_run) -> Path:
     return torch_run[0] / "checkpoints" / "last.pt"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_eval_skips_bad_files_and_counts_the_rest(broken, checkpoint, tmp_path, loader):
     if loader == "dali":
@@ -139,6 +145,7 @@ def test_eval_skips_bad_files_and_counts_the_rest(broken, checkpoint, tmp_path, 
     assert "zz_huge.jpg: too_large" in proc.stdout and "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_predict_names_each_bad_file_and_predicts_the_rest(broken, checkpoint):
     folder = broken / "val" / "roses"
     proc = cli(["predict", str(checkpoint), str(folder), "--json"])
@@ -149,3 +156,33 @@ def test_predict_names_each_bad_file_and_predicts_the_rest(broken, checkpoint):
     good = [p for p in folder.iterdir() if p.is_file() and p.name not in bad]
     assert all("top" in results[p.name] for p in good)
     assert "Traceback" not in proc.stderr
+
+
+def test_predict_says_each_unreadable_file_once_in_input_order(tmp_path, capsys, caplog):
+    """One result line per file, the unreadable ones included, and no log line besides (predict in-process:
+    a checkpoint of an untrained test_resnet is all it needs)."""
+    from flowers_dist import checkpoint_file, cli as flowers_cli, config
+    from flowers_dist.model import build_model
+
+    cfg = config.load(REPO / "configs" / "quickstart.yaml")
+    classes = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+    model = build_model(cfg.model, len(classes))
+    ckpt = tmp_path / "last.pt"
+    checkpoint_file.atomic_save({"format": checkpoint_file.FORMAT, "config": cfg.to_dict(), "classes": classes,
+                                 "model": model.state_dict()}, ckpt)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    good = sorted((SAMPLE / "val" / "roses").iterdir())[:2]
+    shutil.copy(good[0], images / "a.jpg")
+    (images / "b_text.jpg").write_bytes(b"not a jpeg")
+    shutil.copy(good[1], images / "c.jpg")
+    (images / "d_truncated.jpg").write_bytes(good[1].read_bytes()[:300])
+    assert flowers_cli.main(["predict", str(ckpt), str(images), "--topk", "2"]) in (0, None)
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert [Path(line.split(":")[0]).name for line in lines] == ["a.jpg", "b_text.jpg", "c.jpg", "d_truncated.jpg"]
+    said = (out.out + out.err).splitlines() + [r.getMessage() for r in caplog.records]
+    for bad in ("b_text.jpg", "d_truncated.jpg"):
+        assert sum(bad in line for line in said) == 1, said
+        assert f"{images / bad}: skipped (" in out.out
+    assert f"{images / 'b_text.jpg'}: skipped (cannot identify image file)" in lines

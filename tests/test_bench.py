@@ -95,18 +95,25 @@ def test_step_mode_refuses_fp16_on_the_cpu(tmp_path):
 SPLIT_DRIVER = """
 import json, os, sys, time
 import torch, torch.distributed as dist
+from flowers_dist import parts
 from flowers_dist.bench import loop
 
 LOAD, COMPUTE, COMM = (float(os.environ[k]) for k in ("PLANT_LOAD_S", "PLANT_COMPUTE_S", "PLANT_COMM_S"))
-build_loader, train_step, extra = loop.build_loader, loop.train_step, []
+build_loader, optimizer_step, extra = parts.build_loader, loop.optimizer_step, []
 
 
 class SlowLoader:
     def __init__(self, inner):
         self.inner = inner
 
-    def set_epoch(self, epoch):
-        self.inner.set_epoch(epoch)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def set_epoch(self, epoch, skip=0):
+        self.inner.set_epoch(epoch, skip)
 
     def __iter__(self):
         for batch in self.inner:
@@ -114,20 +121,19 @@ class SlowLoader:
             yield batch
 
 
-def planted_step(model, optimizer, images, labels, backward):
-    out = train_step(model, optimizer, images, labels, backward)
+def planted_step(*args, sync_gradients=True, **kwargs):
+    optimizer_step(*args, sync_gradients=sync_gradients, **kwargs)
     time.sleep(COMPUTE)
-    if dist.is_initialized() and model.require_backward_grad_sync:
+    if dist.is_initialized() and sync_gradients:
         if dist.get_rank() != 0:
             time.sleep(COMM)
         start = time.perf_counter()
         dist.all_reduce(torch.ones(1000))
         extra.append(time.perf_counter() - start)
-    return out
 
 
-loop.build_loader = lambda *a, **kw: SlowLoader(build_loader(*a, **kw))
-loop.train_step = planted_step
+parts.build_loader = lambda *a, **kw: SlowLoader(build_loader(*a, **kw))
+loop.optimizer_step = planted_step
 from flowers_dist.cli import main
 code = main(sys.argv[1:])
 with open(os.environ["PLANT_OUT"] + f".{os.environ.get('RANK', '0')}", "w") as f:
@@ -136,13 +142,15 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_train_split_finds_planted_data_wait_compute_and_communication(tmp_path, world):
+@pytest.mark.e2e
+@pytest.mark.parametrize("world, accum", [(1, 1), (2, 1), (1, 2)])
+def test_train_split_finds_planted_data_wait_compute_and_communication(tmp_path, world, accum):
     load, compute, comm = 0.4, 0.3, 1.5
     driver = tmp_path / "driver.py"
     driver.write_text(SPLIT_DRIVER)
     out = tmp_path / "train.json"
-    args = ["bench", "train", *TINY_BENCH, "data.image_size=16", "--warmup", "1", "--steps", "3", "--out", str(out)]
+    args = ["bench", "train", *TINY_BENCH, "data.image_size=16", f"train.grad_accum_steps={accum}",
+            "--warmup", "1", "--steps", "3", "--out", str(out)]
     launch = [sys.executable] if world == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
@@ -153,9 +161,14 @@ def test_train_split_finds_planted_data_wait_compute_and_communication(tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = _read(out)
     assert results["world_size"] == world and len(results["ranks"]) == world
-    # The sleep before each batch is data wait; the sleep after each step is not.
-    assert load <= results["data_wait"] < load + compute
+    # The configured run: the global batch of 4 dealt over the processes and accumulation steps, and
+    # sync_bn as `auto` decides it (on below 16 images per process when there are several processes).
+    assert (results["micro_batch_size"], results["grad_accum_steps"]) == (4 // (world * accum), accum)
+    assert results["sync_bn"] == (world > 1) and results["loader"] in ("torch", "dali")
+    # A step is an optimizer step: it waits for each of its `accum` micro-batches; the sleep after the step is not data wait.
+    assert load * accum <= results["data_wait"] < load * accum + compute
     assert results["compute"] >= compute
+    assert results["images_per_s"] == pytest.approx(4 / results["step_time"])
     if world == 1:
         assert results["communication"] == 0
         return
@@ -169,6 +182,7 @@ def test_train_split_finds_planted_data_wait_compute_and_communication(tmp_path,
     assert results["bottleneck"] == "communication"
 
 
+@pytest.mark.e2e
 def test_scaling_mode_runs_train_on_one_and_two_processes(tmp_path):
     out = tmp_path / "scaling.json"
     proc = cli(["bench", "scaling", *TINY_BENCH, "--max-processes", "2", "--warmup", "1", "--steps", "3", "--out", str(out)])
@@ -186,6 +200,7 @@ def test_scaling_mode_runs_train_on_one_and_two_processes(tmp_path):
     assert results["rows"][1]["efficiency"] == pytest.approx(two / (2 * one))
 
 
+@pytest.mark.e2e
 def test_startup_mode_times_a_fresh_process_to_its_first_step(tmp_path):
     out = tmp_path / "startup.json"
     started = time.perf_counter()

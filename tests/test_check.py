@@ -47,6 +47,7 @@ def broken(tmp_path) -> Path:
     return root
 
 
+@pytest.mark.e2e
 def test_data_check_names_each_kind_and_exits_1(broken, tmp_path):
     proc = cli(["data", "check", str(broken), "--json", str(tmp_path / "r.json")], check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -65,6 +66,7 @@ def test_data_check_names_each_kind_and_exits_1(broken, tmp_path):
         assert f"  {kind}: PIL" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_fatal_layouts_exit_2_and_a_clean_set_exits_0(tmp_path):
     assert cli(["data", "check", str(SAMPLE)], check=False).returncode == 0
     root = tmp_path / "data"
@@ -85,6 +87,7 @@ def test_fatal_layouts_exit_2_and_a_clean_set_exits_0(tmp_path):
     assert proc.returncode == 1 and "roses/zz_truncated.jpg: truncated" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_quarantine_moves_and_restore_puts_back(broken, tmp_path):
     before = _tree(broken)
     q = tmp_path / "quarantine"
@@ -182,3 +185,79 @@ def test_the_main_process_error_is_sent_to_every_rank():
     with pytest.raises(DataError, match="holds no images"):
         shared(lambda: pytest.fail("only the main process computes"), False, lambda box: box.__setitem__(0, sent[0][0]))
     assert shared(lambda: (1, 2), True, lambda box: None) == (1, 2)
+
+
+@pytest.mark.parametrize("name", ["flowers_quickstart", "flowers_sample"])
+def test_the_bundled_samples_are_clean(name, tmp_path):
+    """The README's first command must not open with a warning about the project's own data."""
+    root = SAMPLE.parent / name
+    report = check_dataset(root, DataConfig(check_cache=str(tmp_path / "cache.json")), workers=2)
+    assert report.exit_code == 0, report.format()
+    kinds = {p.kind for ps in report.probes.values() for p in ps}
+    assert not kinds & {"duplicate", "leak", "outside_class_folders"} and not report.skipped(), report.format()
+
+
+def _make_sample_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_sample", SAMPLE.parent / "make_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_sample_passes_over_copies_of_a_photo_already_taken(tmp_path):
+    make_sample = _make_sample_module()
+    photos = sorted((SAMPLE / "train" / "roses").iterdir())[:3]
+    folder = tmp_path / "roses"
+    folder.mkdir()
+    for p in photos:
+        shutil.copy(p, folder / p.name)
+    shutil.copy(photos[0], folder / "a_copy.jpg")  # the same bytes under another name
+    order = [folder / "a_copy.jpg", *(folder / p.name for p in photos)]
+    seen: set[str] = set()
+    taken = make_sample.take_distinct(order, 3, seen)
+    assert [src.name for src, _, _ in taken] == sorted(["a_copy.jpg", photos[1].name, photos[2].name])
+    # Another class or split later: a copy of anything taken is passed over there too (a conflict or a leak).
+    with pytest.raises(SystemExit, match="only 0 distinct photos, 1 wanted"):
+        make_sample.take_distinct([folder / photos[0].name], 1, seen)
+
+
+def _with_strays(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """The sample with a photo put directly in train/ and one in val/, outside every class folder."""
+    root = tmp_path / "data"
+    shutil.copytree(SAMPLE, root, ignore=shutil.ignore_patterns(".flowers-dist-check*"))
+    strays = [root / "train" / "stray.jpg", root / "val" / "STRAY.JPEG"]
+    shutil.copy(sorted((SAMPLE / "train" / "daisy").iterdir())[0], strays[0])
+    shutil.copy(sorted((SAMPLE / "val" / "tulips").iterdir())[0], strays[1])
+    return root, strays
+
+
+def test_data_check_names_images_outside_class_folders(tmp_path):
+    root, strays = _with_strays(tmp_path)
+    clean = check_dataset(SAMPLE, DataConfig(check_cache=str(tmp_path / "clean.json")), workers=1)
+    report = check_dataset(root, DataConfig(check_cache=str(tmp_path / "cache.json")), workers=1)
+    assert report.exit_code == 1
+    assert [(s, p.path, p.kind) for s, p in report.skipped()] == [
+        ("train", str(strays[0]), "outside_class_folders"), ("val", str(strays[1]), "outside_class_folders")]
+    text = report.format()
+    assert "train/stray.jpg: outside_class_folders: directly in train/, outside any class folder" in text
+    assert "  outside_class_folders: neither loader reads it" in text and "exit 1" in text
+    assert {f["path"] for f in report.to_dict()["files"]} == {str(s) for s in strays}
+    assert report.to_dict()["classes"] == clean.to_dict()["classes"]  # the classes' files are as before
+    # A folder of class folders, as eval reads it, is one split: a photo beside the class folders is named too.
+    assert [p.path for _, p in check_dataset(root / "val", DataConfig(check_cache=str(tmp_path / "v.json")), workers=1).skipped()] \
+        == [str(strays[1])]
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_training_counts_images_outside_class_folders(tmp_path, caplog, check):
+    root, strays = _with_strays(tmp_path)
+    train, val, skipped = usable_splits(DataConfig(root=str(root), check=check, check_cache=str(tmp_path / "cache.json")))
+    assert (len(train), len(val)) == (40, 23) and not set(strays) & {*train.files, *val.files}
+    assert skipped.count == 2 and skipped.by_kind == {"outside_class_folders": 2}
+    assert [p for p, _, _ in skipped.files] == [str(s) for s in strays]
+    assert skipped.record()["skipped_by_kind"] == {"outside_class_folders": 2}
+    line = skipped.line()
+    assert ("2 file(s) skipped (2 outside_class_folders)" if check else "2 file(s) outside class folders skipped") in line
+    assert sum(str(strays[0]) in r.getMessage() for r in caplog.records) == 1  # named once in the log

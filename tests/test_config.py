@@ -1,3 +1,5 @@
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,7 @@ def test_malformed_override_is_an_error():
         config.load(None, ["lr=0.1"])
 
 
+@pytest.mark.e2e
 def test_cli_reports_config_errors_in_one_line():
     proc = cli(["train", "--config", "configs/quickstart.yaml", "optim.lrr=0.1"], check=False, timeout=120)
     assert proc.returncode == 2
@@ -120,6 +123,48 @@ def test_eight_gpu_config_is_the_recipe_at_batch_256():
     assert cfg.train.batch_split(8) == (32, 1) and cfg.train.batch_split(4) == (32, 2)
     assert base_lr(cfg.optim, cfg.train.global_batch_size) == pytest.approx(8e-3)
     assert not wanted(cfg.model.sync_bn, 32, 8)[0]
+
+
+def _choice_keys() -> list[tuple[str, str]]:
+    """(section.key, choice) for every enumerated (Literal) key of every config section, found by walking the dataclasses."""
+    found = []
+    for section in dataclasses.fields(config.Config):
+        hints = typing.get_type_hints(section.type if isinstance(section.type, type) else getattr(config, section.type))
+        for key, hint in hints.items():
+            if typing.get_origin(hint) is typing.Literal:
+                found += [(f"{section.name}.{key}", choice) for choice in typing.get_args(hint)]
+    return found
+
+
+def test_the_walk_finds_the_choice_keys():
+    keys = {key for key, _ in _choice_keys()}
+    assert {"train.mixed_precision", "model.sync_bn", "data.loader", "tracking.wandb"} <= keys and len(keys) >= 8
+    assert ("train.mixed_precision", "no") in _choice_keys() and ("model.sync_bn", "off") in _choice_keys()
+
+
+@pytest.mark.parametrize("key, choice", _choice_keys())
+def test_every_choice_is_accepted_as_typed(tmp_path, key, choice):
+    section, name = key.split(".")
+    assert getattr(getattr(config.load(None, [f"{key}={choice}"]), section), name) == choice
+    (tmp_path / "c.yaml").write_text(f"{section}:\n  {name}: {choice}\n")  # unquoted, as a user writes it
+    cfg = config.load(tmp_path / "c.yaml")
+    assert getattr(getattr(cfg, section), name) == choice
+    config.dump(cfg, tmp_path / "back.yaml")
+    assert config.load(tmp_path / "back.yaml") == cfg
+
+
+@pytest.mark.parametrize("typed, value", [("true", True), ("false", False), ("yes", True), ("no", False), ("on", True),
+                                          ("off", False), ("True", True), ("OFF", False)])
+def test_boolean_keys_take_yaml_1_1_spellings(tmp_path, typed, value):
+    assert config.load(None, [f"model.channels_last={typed}"]).model.channels_last is value
+    (tmp_path / "c.yaml").write_text(f"data:\n  check: {typed}\n")
+    assert config.load(tmp_path / "c.yaml").data.check is value
+
+
+def test_string_keys_keep_yes_and_no_as_typed():
+    assert config.load(None, ["train.name=no"]).train.name == "no"
+    with pytest.raises(ConfigError, match="'train.mixed_precision': must be one of no, bf16, fp16; got False"):
+        config.load(None, ["train.mixed_precision=false"])
 
 
 def test_sync_bn_on_and_off_survive_yaml(tmp_path):

@@ -18,16 +18,11 @@ from flowers_dist.data.contract import DeviceNormalizer  # noqa: E402
 from flowers_dist.data.dali import DaliLoader, build_dali_loader, train_pipeline, val_pipeline  # noqa: E402
 from flowers_dist.data.torch_loader import TorchLoader, eval_transform, load_rgb  # noqa: E402
 
-from conftest import REPO, SAMPLE, SHARED_FLOWERS, cli, metrics  # noqa: E402
+from conftest import REPO, SAMPLE, SHARED_FLOWERS, cli, indexed as _indexed, metrics  # noqa: E402
 
 
 def _cpu(rank: int = 0, world: int = 1, **kw) -> Placement:
     return Placement(rank=rank, world_size=world, device=torch.device("cpu"), workers=1, **kw)
-
-
-def _indexed(split):
-    """The split with each file's index as its label, so batches say which files they hold."""
-    return dataclasses.replace(split, labels=tuple(range(len(split))))
 
 
 def _epoch(loaders, epoch):
@@ -96,6 +91,33 @@ def test_max_steps_and_an_early_break_leave_the_next_epoch_clean():
         next(iter(loader))
     counts = Counter(i for batches in _epoch(full, 1) for b in batches for i in b)
     assert sum(counts.values()) == len(full[0]) * 9 and max(counts.values()) == 1
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_accumulation_keeps_one_pipeline_for_the_run(monkeypatch, accum):
+    # The loader as `train` builds it (parts.build_loaders: max_steps = steps x accum) on 2 ranks: 40 files,
+    # global batch 16, 2 optimizer steps an epoch. With accumulation 2 that is 4 micro-batches of 4 per
+    # rank, fewer than the 5 that fill DALI's epoch (40 // 8); that shortfall used to send every epoch
+    # down max_steps_per_epoch's cut path, one new pipeline per epoch (6 builds here instead of 2).
+    from flowers_dist.config import TrainConfig
+    from flowers_dist.data import dali as dali_module
+    from flowers_dist.parts import batch_layout
+
+    builds = []
+    built = dali_module._built
+    monkeypatch.setattr(dali_module, "_built", lambda pipe, split: builds.append(1) or built(pipe, split))
+    split = _indexed(scan_split(SAMPLE / "train"))
+    layout = batch_layout(TrainConfig(global_batch_size=16, grad_accum_steps=accum), 2, len(split))
+    loaders = [build_loader(DataConfig(image_size=16, loader="dali"), split, train=True, batch_per_rank=layout.micro_batch,
+                            placement=_cpu(r, 2), seed=0, max_steps=layout.steps_per_epoch * accum, accum=accum)
+               for r in range(2)]
+    for epoch in range(3):
+        per_rank = _epoch(loaders, epoch)
+        assert [len(b) for b in per_rank] == [layout.steps_per_epoch * accum] * 2
+        files = [i for batches in per_rank for b in batches for i in b]
+        assert len(files) == layout.steps_per_epoch * 16 and len(set(files)) == len(files)  # no file twice in an epoch
+    assert len(builds) == 2, f"{len(builds)} pipeline builds for 2 ranks over 3 epochs"
+    assert all(loader.resume_state() is not None for loader in loaders)  # the reader state is what a resume restores
 
 
 def _many_files(tmp_path, copies: int):
@@ -331,6 +353,7 @@ def test_build_loader_picks_dali_or_explains(monkeypatch):
         build_loader(DataConfig(loader="dali", image_size=16), split, **args)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_quickstart_trains_with_dali(tmp_path, nprocs):
     cli(["train", "--config", "configs/quickstart.yaml", "data.root=data/flowers_sample", "train.global_batch_size=8",

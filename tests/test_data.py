@@ -1,6 +1,5 @@
 """The data-set layout checks and the PyTorch loader, on real JPEGs."""
 
-import dataclasses
 import logging
 import shutil
 
@@ -11,7 +10,7 @@ from flowers_dist.config import DataConfig
 from flowers_dist.data import DataError, Placement, build_loader, scan_dataset, scan_split
 from flowers_dist.data.contract import eval_shard, train_shard
 
-from conftest import SAMPLE
+from conftest import SAMPLE, indexed
 
 CPU = Placement(rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -112,16 +111,12 @@ def test_torch_loader_length_is_counted_without_making_the_epoch(train):
             assert loader.kind == "torch"
 
 
-def _indexed(split):
-    return dataclasses.replace(split, labels=tuple(range(len(split))))
-
-
 def test_global_batch_of_each_step_is_the_same_at_any_world_size():
     # The first half of world-size invariance: step k's global batch holds the same files, augmented
     # identically, whether one process loads it or 2 or 4 each load a slice, with or without gradient
     # accumulation (labels = file indices here). Its micro-batches, the groups BatchNorm normalises
     # over without sync_bn, are the same whenever processes x accumulation steps is.
-    split = _indexed(scan_split(SAMPLE / "train"))
+    split = indexed(scan_split(SAMPLE / "train"))
     cfg = DataConfig(loader="torch", image_size=32, rotation=10, color_jitter=0.2)
     global_batch, epoch, steps = 8, 3, 2
 

@@ -6,6 +6,8 @@ import pytest
 
 from conftest import SAMPLE, TINY, cli, metrics
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_step_schedule_and_world_size(tmp_path, nprocs):

@@ -20,6 +20,7 @@ def _main(args, capsys) -> tuple[int, list[str]]:
     return code, _errors(capsys.readouterr().err)
 
 
+@pytest.mark.e2e
 def test_yaml_errors_give_line_and_column(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  root: x\n  loader: [torch\ntrain:\n  epochs: 2\n")
@@ -48,6 +49,7 @@ def test_only_rank_0_prints_a_user_error(tmp_path, capsys, monkeypatch):
     assert code == 2 and len(errors) == 1
 
 
+@pytest.mark.e2e
 def test_errors_before_training_are_printed_once_over_two_processes(tmp_path):
     proc = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "train.global_batch_size=3",
                 f"train.output_dir={tmp_path}"], nprocs=2, check=False)
@@ -66,6 +68,7 @@ def test_errors_before_training_are_printed_once_over_two_processes(tmp_path):
     assert not (tmp_path / "quickstart").exists() and not list(tmp_path.glob("quickstart-*"))  # no run folder left
 
 
+@pytest.mark.e2e
 def test_dali_with_the_check_off_names_the_suspects_and_the_check(tmp_path):
     pytest.importorskip("nvidia.dali")
     root = tmp_path / "data"
@@ -78,6 +81,7 @@ def test_dali_with_the_check_off_names_the_suspects_and_the_check(tmp_path):
     assert line.endswith(f"(data.check=true, the default, leaves undecodable files out; `flowers-dist data check {root}` lists them)")
 
 
+@pytest.mark.e2e
 def test_data_check_without_a_root_is_one_line():
     proc = cli(["data", "check"], check=False)
     assert proc.returncode == 2 and _errors(proc.stderr) == ["flowers-dist: error: data check needs ROOT (or --restore MANIFEST)"]

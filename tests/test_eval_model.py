@@ -6,7 +6,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from flowers_dist.train import evaluation_model
+from flowers_dist.steps import evaluation_model
 
 
 def test_compiled_ddp_model_is_evaluated_without_ddp(tmp_path, monkeypatch):

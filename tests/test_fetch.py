@@ -182,6 +182,7 @@ def test_small_classes_keep_an_image_in_each_split():
         stratified_split({"c": ["1.jpg"]}, 0.2, seed=0)
 
 
+@pytest.mark.e2e
 def test_cli(served, tmp_path):
     base, sha, _ = served
     args = ["data", "fetch", str(tmp_path / "d"), "--url", f"{base}/flower_photos.tgz"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from flowers_dist.config import OptimConfig, load
-from flowers_dist.train import build_optimizer
+from flowers_dist.steps import build_optimizer
 
 
 def _items_per_scaled_step(fused: bool) -> int:

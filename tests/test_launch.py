@@ -25,6 +25,7 @@ def test_scripts_are_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_torchrun_script_runs_two_processes(tmp_path):
     # The venv's bin first, so the script finds this interpreter's torchrun; on this CPU-only host the
     # training code forces the CPU and the two processes form one gloo group. No MAIN_PROCESS_PORT:
@@ -52,6 +53,7 @@ exit 0
     return stub, log
 
 
+@pytest.mark.e2e
 def test_gpu_check_joins_split_wheels_then_runs_preflight_install_and_the_checks(tmp_path):
     # Wheels split into pieces are joined byte for byte (pieces removed), then gpu_check.py gets its
     # pre-flight with --install on that folder and, in a fresh interpreter, the checks with the arguments after `--`.
@@ -75,6 +77,7 @@ def test_gpu_check_joins_split_wheels_then_runs_preflight_install_and_the_checks
     assert not list(wheels.glob("*.tmp")) and not list(wheels.glob("*.part-*"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("carried", [(0, 1, 3), (0, 1, 2)])  # a piece in the middle, or the last one, not carried yet
 def test_gpu_check_keeps_the_pieces_of_an_incomplete_wheel(tmp_path, carried):
     wheels = tmp_path / "whl"
@@ -92,6 +95,7 @@ def test_gpu_check_keeps_the_pieces_of_an_incomplete_wheel(tmp_path, carried):
     assert not list(wheels.glob("*.whl*[!0-9]"))  # no joined or temporary wheel left
 
 
+@pytest.mark.e2e
 def test_gpu_check_preflight_names_what_to_carry(tmp_path):
     # A module that does not import: the pre-flight prints it as missing, says which wheel to carry,
     # and fails in seconds, before any install or GPU work. Here `timm` is hidden by a shadowing package.
@@ -108,6 +112,7 @@ def test_gpu_check_preflight_names_what_to_carry(tmp_path):
     assert "pre-flight failed: 1 missing (timm)" in proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not SHARED_FLOWERS.is_dir() and not (REPO / "data" / "flowers_sample").is_dir(), reason="no photos")
 def test_gpu_check_dry_run_rehearses_everything_but_cuda(tmp_path):
     # The whole GPU run on the CPU, on the real wheel list and the carried layout: gpu_wheels.sh
@@ -141,6 +146,7 @@ def test_gpu_check_dry_run_rehearses_everything_but_cuda(tmp_path):
     assert not [r for r in rows if r["status"] == "FAIL"], rows
 
 
+@pytest.mark.e2e
 def test_gpu_check_says_so_when_no_gpu_is_visible():
     proc = subprocess.run([sys.executable, "launch/gpu_check.py"], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

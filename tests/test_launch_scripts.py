@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TINY, free_port
+
+pytestmark = pytest.mark.e2e
 
 
 def test_user_error_is_the_last_line(tmp_path):

@@ -115,6 +115,7 @@ class _HubFiles(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.e2e
 def test_imagenet_weights_download_through_the_hub_client_and_then_come_from_the_cache(tmp_path):
     # The real download path (timm -> huggingface_hub) against a local server standing in for the
     # hub, named by HF_ENDPOINT as a mirror would be; then the same build with the server gone.

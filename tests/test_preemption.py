@@ -11,84 +11,26 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
-from flowers_dist import checkpoint
+from flowers_dist import checkpoint_file
 from flowers_dist.data import dali_status
 from flowers_dist.errors import EXIT_DISK, EXIT_HUNG, EXIT_PREEMPTED
 
-from conftest import REPO, TINY, cli, free_port, inside_epoch, metrics, position
-from procs import alive, disposition, stopped_at, training_pids
+from conftest import TINY, assert_same_final_weights, assert_whole_lines, cli, inside_epoch, last_checkpoint, metrics, position
+from procs import alive, disposition, kill, launch, stopped_at, wait_for, workers
 
 # Five steps per epoch, agreement on every step, so that a signal lands mid-epoch and is acted on at the next step.
 STEPS = 5
 # timm's test_resnet (0.4 M parameters, BatchNorm like ResNet-18): checkpoints of 3 MB instead of 90 MB.
 RUN = ["train", "--config", "configs/quickstart.yaml", *TINY, "model.name=test_resnet", f"train.max_steps_per_epoch={STEPS}", "train.epochs=2",
        "train.log_every=1", "train.stop_check_every=1"]
-ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-
-
-def _launch(args: list[str], nprocs: int = 1, env: dict | None = None, launcher: str = "accelerate") -> tuple[subprocess.Popen, str]:
-    """Start a run in the background; returns the process and a tag that its training processes carry in their environment."""
-    tag = uuid.uuid4().hex
-    if nprocs > 1 and launcher == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nprocs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "flowers_dist", *args]
-    elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs), "--max-restarts", "1",
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "-m", "flowers_dist", *args]
-    else:
-        cmd = [sys.executable, "-m", "flowers_dist", *args]
-    # The thread count as conftest.cli sets it: another count sums in another order, and bit-identity is under test.
-    threads = "1" if nprocs > 1 else os.environ.get("OMP_NUM_THREADS", "2")
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": threads, "FLOWERS_TEST_TAG": tag, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    return proc, tag
-
-
-def _wait_for(run_dir: Path, predicate, proc: subprocess.Popen, timeout: float = 300) -> list[dict]:
-    """Poll metrics.jsonl until predicate(records) holds; fail if the process ends first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before the expected point\n{out[-2000:]}\n{err[-4000:]}")
-        path = run_dir / "metrics.jsonl"
-        if path.exists():
-            records = metrics(run_dir)
-            if predicate(records):
-                return records
-        time.sleep(0.05)
-    _kill(proc)
-    raise AssertionError("timed out waiting for the run")
-
-
-def _kill(proc: subprocess.Popen, tag: str | None = None) -> None:
-    """Kill a launch and, by their tag, its training processes (torchrun's workers live in sessions of their own and hold its pipes)."""
-    for pid in _workers(tag).values() if tag else ():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.communicate(timeout=60)
-
-
-def _workers(tag: str) -> dict[int, int]:
-    """rank -> pid of the training processes of one launch (found by the tag in their environment)."""
-    return training_pids(f"FLOWERS_TEST_TAG={tag}")
 
 
 def _started(records: list[dict]) -> bool:
-    """A `_wait_for` predicate: the run has started (set up, its loaders about to run); tests go on in slices from here."""
+    """A `wait_for` predicate: the run has started (set up, its loaders about to run); tests go on in slices from here."""
     return any(r["event"] == "start" for r in records)
 
 
@@ -105,48 +47,40 @@ def _signal_inside_epoch(run_dir: Path, proc: subprocess.Popen, tag: str, target
     From its start the run goes on in slices of milliseconds (`stopped_at`) until, stopped, it is inside the
     epoch (`inside_epoch`).
     """
-    _wait_for(run_dir, _started, proc)
-    workers = _workers(tag)
-    with stopped_at(list(workers.values()), lambda: inside_epoch(_position(run_dir, proc), epoch, STEPS)):
-        os.kill(workers[target], sig)
-
-
-def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
-
-
-def _assert_identical(a: Path, b: Path) -> None:
-    wa, wb = _final_weights(a), _final_weights(b)
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    wait_for(run_dir, _started, proc)
+    ranks = workers(tag)
+    with stopped_at(list(ranks.values()), lambda: inside_epoch(_position(run_dir, proc), epoch, STEPS)):
+        os.kill(ranks[target], sig)
 
 
 def _step_in_epoch(records, epoch: int, at_least: int) -> bool:
     return any(r["event"] == "step" and r["epoch"] == epoch and r["step"] - epoch * STEPS >= at_least for r in records)
 
 
-@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_status()[0], reason="DALI not installed"))])
-def test_a_signal_mid_epoch_checkpoints_and_the_resume_is_bit_identical(tmp_path, loader):
-    # Inside the last epoch, after a whole epoch of DALI's reader.
-    run = [*RUN, f"data.loader={loader}", f"train.output_dir={tmp_path}"]
+@pytest.mark.e2e
+@pytest.mark.parametrize("loader, accum", [("torch", 1), *[pytest.param("dali", k, marks=pytest.mark.skipif(
+    not dali_status()[0], reason="DALI not installed")) for k in (1, 2)]])
+def test_a_signal_mid_epoch_checkpoints_and_the_resume_is_bit_identical(tmp_path, loader, accum):
+    # Inside the last epoch, after a whole epoch of DALI's reader (with accumulation, the same one pipeline:
+    # its reader state is what the resume restores).
+    run = [*RUN, f"data.loader={loader}", f"train.grad_accum_steps={accum}", f"train.output_dir={tmp_path}"]
     cli([*run, "train.name=full"])
-    proc, tag = _launch([*run, "train.name=cut"])
+    proc, tag = launch([*run, "train.name=cut"])
     try:
         _signal_inside_epoch(tmp_path / "cut", proc, tag, 0, signal.SIGUSR1, epoch=1)
         out, err = proc.communicate(timeout=300)
     finally:
-        _kill(proc, tag)
+        kill(proc, tag)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "stopped by SIGUSR1" in out
     stopped = [r for r in metrics(tmp_path / "cut") if r["event"] == "stopped"]
     assert len(stopped) == 1 and stopped[0]["epoch"] == 1 and 1 <= stopped[0]["step"] < STEPS, stopped
-    state = checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt")
+    state = last_checkpoint(tmp_path / "cut")
     assert state["position"] == {"epoch": stopped[0]["epoch"], "step": stopped[0]["step"]}
 
     # The same command again: train.resume=auto finds the checkpoint and continues from that step.
     cli([*run, "train.name=cut"])
-    _assert_identical(tmp_path / "full", tmp_path / "cut")
+    assert_same_final_weights(tmp_path / "full", tmp_path / "cut")
     resumed = [r for r in metrics(tmp_path / "cut") if r["event"] == "resume"]
     assert resumed and (resumed[0]["from_epoch"], resumed[0]["from_step"]) == (stopped[0]["epoch"], stopped[0]["step"])
     # The resumed epoch's record counts the whole epoch's images, both attempts together.
@@ -154,6 +88,7 @@ def test_a_signal_mid_epoch_checkpoints_and_the_resume_is_bit_identical(tmp_path
     assert epoch[-1]["train_images"] == STEPS * 8
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("epoch", [0, 1], ids=["an-earlier-epoch", "the-last-epoch"])
 def test_a_signal_during_evaluation_stops_at_the_epochs_end_or_lets_the_last_epoch_finish(tmp_path, epoch):
     # After an epoch's last step the next agreement comes after evaluation: the epoch's own checkpoint is then the
@@ -162,9 +97,9 @@ def test_a_signal_during_evaluation_stops_at_the_epochs_end_or_lets_the_last_epo
     # one per batch, make evaluation (about 50 ms here) many of the test's slices long.
     run = [*RUN, "data.loader=torch", "data.root=data/flowers_quickstart", "train.eval_batch_size=1",
            f"train.output_dir={tmp_path}", "train.name=eval"]
-    proc, tag = _launch(run)
+    proc, tag = launch(run)
     try:
-        _wait_for(tmp_path / "eval", _started, proc)
+        wait_for(tmp_path / "eval", _started, proc)
 
         def evaluating() -> bool:  # the epoch's last step done, its record (written after evaluation) not yet
             done = _position(tmp_path / "eval", proc) == (epoch, STEPS)
@@ -175,82 +110,85 @@ def test_a_signal_during_evaluation_stops_at_the_epochs_end_or_lets_the_last_epo
             os.kill(proc.pid, signal.SIGUSR1)
         out, err = proc.communicate(timeout=300)
     finally:
-        _kill(proc, tag)
+        kill(proc, tag)
     events = [r["event"] for r in metrics(tmp_path / "eval")]
     if epoch == 1:
         assert proc.returncode == 0, err[-3000:]
         assert "stopped" not in events and events[-1] == "end", events
-        assert checkpoint.load(tmp_path / "eval" / "checkpoints" / "last.pt")["position"] == {"epoch": 2, "step": 0}
+        assert last_checkpoint(tmp_path / "eval")["position"] == {"epoch": 2, "step": 0}
     else:
         assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
         stopped = metrics(tmp_path / "eval")[events.index("stopped")]
         assert (stopped["epoch"], stopped["step"]) == (1, 0), stopped
 
 
+@pytest.mark.e2e
 def test_a_stop_signal_after_the_run_has_ended_changes_nothing(tmp_path):
     # SLURM's batch shell resends its warning every 10 s until the job step ends, so a stop signal can come once the
     # run's handler is gone, while W&B and the process group shut down: it must not turn exit 0 into death by it.
     run = [*RUN, "data.loader=torch", "train.epochs=1", f"train.output_dir={tmp_path}", "train.name=late"]
-    proc, tag = _launch(run)
+    proc, tag = launch(run)
     try:
-        _wait_for(tmp_path / "late", _started, proc)
+        wait_for(tmp_path / "late", _started, proc)
         with stopped_at([proc.pid], lambda: disposition(proc.pid, signal.SIGUSR1) != "caught"):
             assert alive(proc.pid), "the process ended before the test saw its run's handler go"
             os.kill(proc.pid, signal.SIGUSR1)
         out, err = proc.communicate(timeout=120)
     finally:
-        _kill(proc, tag)
+        kill(proc, tag)
     assert proc.returncode == 0, (proc.returncode, err[-3000:])
     assert metrics(tmp_path / "late")[-1]["event"] == "end"
 
 
+@pytest.mark.e2e
 def test_sigterm_to_one_of_two_ranks_stops_both_and_the_resume_is_bit_identical(tmp_path):
     # A signal can reach some ranks and not others (a node's agent, a kubelet): the ranks agree and stop together.
     run = [*RUN, "data.loader=torch", f"train.output_dir={tmp_path}"]
     cli([*run, "train.name=full"], nprocs=2)
-    proc, tag = _launch([*run, "train.name=cut"], nprocs=2)
+    proc, tag = launch([*run, "train.name=cut"], nprocs=2)
     try:
-        _wait_for(tmp_path / "cut", _started, proc)  # not later: from here the test follows the run in slices
-        assert sorted(_workers(tag)) == [0, 1], _workers(tag)
+        wait_for(tmp_path / "cut", _started, proc)  # not later: from here the test follows the run in slices
+        assert sorted(workers(tag)) == [0, 1], workers(tag)
         _signal_inside_epoch(tmp_path / "cut", proc, tag, 1, signal.SIGTERM, epoch=0)
         out, err = proc.communicate(timeout=300)
     finally:
-        _kill(proc, tag)
+        kill(proc, tag)
     assert proc.returncode != 0  # the launcher reports its workers' non-zero exit
     assert "stopped by a peer's signal" in out, out[-2000:] + err[-3000:]  # rank 0 never saw the signal itself
     stopped = [r for r in metrics(tmp_path / "cut") if r["event"] == "stopped"]
     assert len(stopped) == 1 and stopped[0]["epoch"] == 0 and 1 <= stopped[0]["step"] < STEPS, stopped
     cli([*run, "train.name=cut"], nprocs=2)
-    _assert_identical(tmp_path / "full", tmp_path / "cut")
+    assert_same_final_weights(tmp_path / "full", tmp_path / "cut")
 
 
+@pytest.mark.e2e
 def test_a_stopped_rank_ends_every_process_within_the_timeouts(tmp_path):
     timeout = 5
     run = [*RUN, "data.loader=torch", "train.epochs=50", f"train.output_dir={tmp_path}", "train.name=hang",
            f"train.collective_timeout={timeout}", f"train.watchdog={2 * timeout}"]
-    proc, tag = _launch(run, nprocs=2)
+    proc, tag = launch(run, nprocs=2)
     try:
-        _wait_for(tmp_path / "hang", lambda r: _step_in_epoch(r, 0, 2), proc)
-        workers = _workers(tag)
-        os.kill(workers[1], signal.SIGSTOP)
+        wait_for(tmp_path / "hang", lambda r: _step_in_epoch(r, 0, 2), proc)
+        os.kill(workers(tag)[1], signal.SIGSTOP)
         stopped_at = time.time()
         # Rank 0 gives up after the collective timeout (or its watchdog); the launcher then ends the stopped
         # rank (SIGTERM, and SIGKILL after its grace period, which a stopped process needs).
         out, err = proc.communicate(timeout=timeout + 120)
         took = time.time() - stopped_at
-        survivors = _workers(tag)  # looked at before the clean-up below kills whatever is left
+        survivors = workers(tag)  # looked at before the clean-up below kills whatever is left
     finally:
-        _kill(proc, tag)
+        kill(proc, tag)
     assert proc.returncode != 0
     assert "a peer rank is hung or dead" in err or f"exiting with code {EXIT_HUNG}" in err, err[-3000:]
     assert not survivors, f"training processes outlived their launcher: {survivors}"
     print(f"stopped rank: launcher ended {took:.1f} s after SIGSTOP")
 
 
+@pytest.mark.e2e
 def test_two_runs_with_one_name_started_together_one_refuses(tmp_path):
     run = [*RUN, "data.loader=torch", "train.epochs=1", "train.max_steps_per_epoch=2", f"train.output_dir={tmp_path}", "train.name=same"]
-    first, _ = _launch(run)
-    second, _ = _launch(run)
+    first, _ = launch(run)
+    second, _ = launch(run)
     results = []
     for proc in (first, second):
         out, err = proc.communicate(timeout=300)
@@ -319,6 +257,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.e2e
 def test_a_full_disk_during_the_first_checkpoint_is_one_line_and_the_folder_starts_again(small_tmpfs):
     run = [*RUN, "data.loader=torch", "train.epochs=1", "train.max_steps_per_epoch=2", f"train.output_dir={small_tmpfs}", "train.name=full"]
     proc = cli(run, check=False)
@@ -329,8 +268,7 @@ def test_a_full_disk_during_the_first_checkpoint_is_one_line_and_the_folder_star
     assert "Traceback" not in proc.stderr
     leftovers = [p.name for p in (small_tmpfs / "full" / "checkpoints").iterdir()]
     assert leftovers == [], leftovers  # the temporary file is gone, no half checkpoint under a final name
-    for record in metrics(small_tmpfs / "full"):
-        assert "event" in record
+    assert_whole_lines(small_tmpfs / "full")
     # With room again, the same command starts the folder afresh (no complete checkpoint in it).
     subprocess.run(["mount", "-o", "remount,size=400m", str(small_tmpfs)], check=True)
     cli(run)
@@ -366,17 +304,18 @@ def test_a_metrics_line_is_never_half_written_and_a_torn_one_is_dropped(small_tm
     assert "dropped a torn last line" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_torchrun_restarts_a_killed_rank_and_the_run_completes_from_its_checkpoint(tmp_path):
     # collective_timeout bounds the restarted attempt's init_process_group too (see below).
     run = [*RUN, "data.loader=torch", "train.epochs=6", "train.checkpoint_every_steps=2", "train.collective_timeout=30",
            f"train.output_dir={tmp_path}", "train.name=elastic"]
-    proc, tag = _launch(run, nprocs=2, launcher="torchrun")
+    proc, tag = launch(run, nprocs=2, launcher="torchrun")
     try:
-        _wait_for(tmp_path / "elastic", lambda r: _step_in_epoch(r, 0, 4), proc)
-        os.kill(_workers(tag)[1], signal.SIGKILL)
+        wait_for(tmp_path / "elastic", lambda r: _step_in_epoch(r, 0, 4), proc)
+        os.kill(workers(tag)[1], signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
     finally:
-        _kill(proc, tag)
+        kill(proc, tag)
     # The surviving rank says what happened in one line instead of a traceback.
     assert "rank 0: a collective failed; a peer rank is hung or dead" in err, err[-3000:]
     if proc.returncode != 0:
@@ -385,11 +324,11 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_completes_from_its_checkpoi
         # that waits out the timeout; seen here with torch 2.14 on both rendezvous backends, cf.
         # pytorch/pytorch#167288). The run's part is then to be resumable by the same command, as after a requeue.
         assert "Gloo connectFullMesh failed" in err or "imed out" in err, err[-3000:]
-        launcher, tag = _launch(run, nprocs=2, launcher="torchrun")
+        launcher, tag = launch(run, nprocs=2, launcher="torchrun")
         try:
             out, err = launcher.communicate(timeout=300)
         finally:
-            _kill(launcher, tag)
+            kill(launcher, tag)
         assert launcher.returncode == 0, err[-3000:]
     records = metrics(tmp_path / "elastic")
     events = [r["event"] for r in records]
@@ -398,6 +337,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_completes_from_its_checkpoi
     assert (resume["from_epoch"], resume["from_step"]) >= (0, 2)
 
 
+@pytest.mark.e2e
 def test_time_based_checkpoints_land_mid_epoch_and_only_the_newest_are_kept(tmp_path):
     # 0.0001 minutes: due at every agreement (every step here), decided by the main process's clock.
     run = [*RUN, "data.loader=torch", "train.checkpoint_every_minutes=0.0001", "train.keep_checkpoints=3",
@@ -406,5 +346,5 @@ def test_time_based_checkpoints_land_mid_epoch_and_only_the_newest_are_kept(tmp_
     ck = tmp_path / "timed" / "checkpoints"
     kept = sorted(p.name for p in ck.glob("step-*.pt"))
     assert kept == [f"step-{s:08d}.pt" for s in (2 * STEPS - 2, 2 * STEPS - 1, 2 * STEPS)], kept
-    assert checkpoint.load(ck / f"step-{2 * STEPS - 1:08d}.pt")["position"] == {"epoch": 1, "step": STEPS - 1}
+    assert checkpoint_file.load(ck / f"step-{2 * STEPS - 1:08d}.pt")["position"] == {"epoch": 1, "step": STEPS - 1}
     assert (ck / "last.pt").samefile(ck / f"step-{2 * STEPS:08d}.pt")  # one write, two names

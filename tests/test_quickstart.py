@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flowers_dist import checkpoint, config
+from flowers_dist import checkpoint_file, config
 from flowers_dist.config import ModelConfig
 from flowers_dist.model import build_model
 
@@ -19,6 +19,7 @@ from conftest import REPO, SAMPLE, SHARED_FLOWERS, TINY, cli, metrics
 QUICKSTART_DATA = REPO / "data" / "flowers_quickstart"
 
 
+@pytest.mark.e2e
 def test_readme_quickstart_learns(tmp_path):
     readme = (REPO / "README.md").read_text()
     assert "flowers-dist train --config configs/quickstart.yaml" in readme
@@ -45,6 +46,7 @@ def test_readme_quickstart_learns(tmp_path):
     assert (run / "checkpoints" / "last.pt").stat().st_size > 1e6
 
 
+@pytest.mark.e2e
 def test_quickstart_sample_is_small_and_regenerates_from_the_full_set(tmp_path):
     files = sorted(QUICKSTART_DATA.rglob("*.jpg"))
     assert 100 <= len(files) < 1000 and sum(f.stat().st_size for f in files) < 5e6
@@ -62,6 +64,7 @@ def test_quickstart_sample_is_small_and_regenerates_from_the_full_set(tmp_path):
             assert made.size == committed.size and min(made.size) == 80
 
 
+@pytest.mark.e2e
 def test_eval_and_predict_commands(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "best.pt"
     proc = cli(["eval", str(ckpt), "--data", str(SAMPLE), "--workers", "0"])
@@ -91,6 +94,7 @@ def test_help_and_data_fetch_start_without_torch():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.e2e
 def test_module_and_console_script_agree():
     # `python -m flowers_dist` (what accelerate launch -m and torchrun -m run) and the installed
     # `flowers-dist` script must be one program: same help, same one-line errors, same exit codes.
@@ -103,6 +107,7 @@ def test_module_and_console_script_agree():
     assert module.returncode != 0 and "configs/no-such.yaml" in module.stderr and "Traceback" not in module.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_training_saves_checkpoints_the_plain_model_loads(tmp_path):
@@ -111,7 +116,7 @@ def test_compiled_training_saves_checkpoints_the_plain_model_loads(tmp_path):
                 "train.max_steps_per_epoch=2", f"train.output_dir={tmp_path}", "train.name=c"], timeout=900)
     assert "torch.compile (inductor)" in proc.stdout
     ckpt = tmp_path / "c" / "checkpoints" / "last.pt"
-    saved = checkpoint.load(ckpt)["model"]  # verified against its digest, as eval and resume read it
+    saved = checkpoint_file.load(ckpt)["model"]  # verified against its digest, as eval and resume read it
     assert list(saved) == list(build_model(ModelConfig(pretrained="none"), 5).state_dict())
     epoch = [r for r in metrics(tmp_path / "c") if r["event"] == "epoch"][0]
     assert epoch["val_count"] == 23 and epoch["train_images"] == 16

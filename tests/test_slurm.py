@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, free_port, inside_epoch, metrics, position
+from conftest import REPO, TINY, assert_same_final_weights, free_port, inside_epoch, metrics, position
 from procs import alive, pending, stopped_at, training_pids
 from slurm_cluster import Cluster, missing
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 # The same run for the uninterrupted job and the interrupted one, so that their weights can be compared.
 # log_every=1: a `step` row per step tells the test where training is. The ranks agree on a stop after every step
@@ -71,21 +71,6 @@ def job_out(out: Path, name: str, job_id: int) -> str:
 def explain(cluster: Cluster, out: Path, name: str, job_id: int) -> str:
     """Everything a reader needs when a job test fails: the job's .out, its state, the daemons' logs."""
     return f"--- {name}-{job_id}.out\n{job_out(out, name, job_id)[-6000:]}\n--- job\n{cluster.job(job_id)}\n{cluster.logs(25)}"
-
-
-def weights(run_dir: Path) -> dict:
-    from flowers_dist import checkpoint
-
-    return checkpoint.load(run_dir / "checkpoints" / "last.pt")
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    import torch
-
-    wa, wb = weights(a), weights(b)
-    assert wa["epoch"] == wb["epoch"]
-    for name, tensor in wa["model"].items():
-        assert torch.equal(tensor, wb["model"][name]), f"{name} differs between {a} and {b}"
 
 
 def run_and_wait(cluster, out, name, nodes, train_args, timeout=300, **env) -> tuple[int, dict, str]:
@@ -185,7 +170,7 @@ def test_preemption_checkpoints_requeues_and_resumes_bit_identically(cluster, tw
     why = explain(cluster, tmp_path, "pre", job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", why
     _assert_preempted_then_resumed(run, job_out(tmp_path, "pre", job_id), why)
-    assert_same_weights(ref_out / "runs" / f"two-{ref_id}", run)
+    assert_same_final_weights(ref_out / "runs" / f"two-{ref_id}", run)
 
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically(cluster, one_process_run, tmp_path):
@@ -217,7 +202,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically(clu
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", why
     run = tmp_path / "runs" / f"lim-{job_id}"
     _assert_preempted_then_resumed(run, job_out(tmp_path, "lim", job_id), why)
-    assert_same_weights(ref_out / "runs" / f"one-{ref_id}", run)
+    assert_same_final_weights(ref_out / "runs" / f"one-{ref_id}", run)
 
 
 def _assert_preempted_then_resumed(run: Path, out: str, why: str) -> None:

@@ -1,5 +1,6 @@
 """SyncBatchNorm on 2 real gloo processes against torch's BatchNorm over the concatenated batch."""
 
+import pytest
 import timm
 import torch
 import torch.distributed as dist
@@ -61,6 +62,7 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_gloo_processes_match_batchnorm_on_the_concatenated_batch(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -9,9 +9,9 @@ import pytest
 from flowers_dist import config
 from flowers_dist.config import ConfigError
 from flowers_dist.tracking import resolve_mode
-from flowers_dist.tracking_reader import read_run
 
 from conftest import TINY, cli, metrics
+from wandb_offline import read_run
 
 PNGS = ["loss.png", "accuracy.png", "lr.png", "throughput.png", "confusion.png"]
 
@@ -31,6 +31,7 @@ def offline_run(tmp_path_factory):
     return out / "wb", proc, time.perf_counter() - started
 
 
+@pytest.mark.e2e
 def test_offline_run_streams_config_history_and_summary(offline_run):
     run, proc, seconds = offline_run
     assert "W&B is offline" in proc.stdout and "wandb sync" in proc.stdout
@@ -81,6 +82,7 @@ def _check_report(run, proc):
     return summary
 
 
+@pytest.mark.e2e
 def test_report_on_finished_and_killed_runs(offline_run, tmp_path):
     run = offline_run[0]
     assert "status: finished" in _check_report(run, cli(["report", str(run)]))
@@ -127,6 +129,7 @@ def test_auto_mode_follows_credentials(monkeypatch, tmp_path):
     assert resolve_mode(auto) == "offline"
 
 
+@pytest.mark.e2e
 def test_a_wandb_mode_that_wandb_rejects_is_one_line_before_the_run(tmp_path, monkeypatch):
     # W&B's own settings refuse these even when init is given a mode (a pydantic traceback, seen with WANDB_MODE=).
     message = "WANDB_MODE={!r} is not a W&B mode: unset it, or set it to one of online, run, shared, offline, dryrun, disabled"
@@ -150,6 +153,7 @@ def test_a_wandb_mode_that_wandb_rejects_is_one_line_before_the_run(tmp_path, mo
     assert ok.returncode == 0
 
 
+@pytest.mark.e2e
 def test_resume_continues_the_same_wandb_run(tmp_path):
     run = tmp_path / "r"
     args = ["train", "--config", "configs/quickstart.yaml", *TINY, "train.max_steps_per_epoch=2", "train.log_every=1",

@@ -63,8 +63,10 @@ def _report(mode: str, results: dict[str, Any]) -> str:
                   f"{results['rows'][0]['flops_per_image'] / 1e9:.2f} GFLOP per image (fwd + bwd, counted)")
     if mode == "train":
         f = results["fractions"]
-        return (f"{results['world_size']} process(es), {results['loader']}, global batch {results['global_batch']}: "
-                f"{results['images_per_s']:.1f} img/s, step {1000 * results['step_time']:.0f} ms = data wait {100 * f['data wait']:.0f}% "
+        return (f"{results['world_size']} process(es), {results['loader']} loader, global batch {results['global_batch']} = "
+                f"{results['micro_batch_size']} x {results['world_size']} x {results['grad_accum_steps']} accumulation step(s), "
+                f"sync_bn {'on' if results['sync_bn'] else 'off'}: {results['images_per_s']:.1f} img/s, "
+                f"optimizer step {1000 * results['step_time']:.0f} ms = data wait {100 * f['data wait']:.0f}% "
                 f"+ compute {100 * f['compute']:.0f}% + communication {100 * f['communication']:.0f}%\n"
                 f"bottleneck: {results['bottleneck']}; most likely to move it: {results['advice']}")
     if mode == "startup":

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..recorder import environment
+from ..environment import environment
 
 
 def spread(values: list[float]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 from ..config import Config, DataConfig
 from ..data import Placement, build_loader, scan_dataset
 from ..data.folder import Split
-from ..train import sync
+from ..steps import sync
 from .common import spread
 
 

@@ -9,7 +9,6 @@ alone are timed in another fresh process, with `-X importtime`'s largest package
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import metrics_log
 from .common import spread
 
 # What `train` imports before its first step, in one line (the loaders' modules are imported on use).
@@ -28,7 +28,7 @@ PACKAGES = ("torch", "torchvision", "timm", "accelerate", "nvidia.dali", "numba"
 
 def first_step_seconds(config: Path, overrides: list[str], run_dir: Path, timeout: float = 600) -> float:
     """Wall seconds from launching a 1-step training run to its first `step` row."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = metrics_log.path_of(run_dir)
     cmd = [sys.executable, "-m", "flowers_dist", "train", "--config", str(config), *overrides, "train.epochs=1",
            "train.max_steps_per_epoch=1", "train.log_every=1", "train.progress=lines",
            f"train.output_dir={run_dir.parent}", f"train.name={run_dir.name}"]
@@ -37,7 +37,7 @@ def first_step_seconds(config: Path, overrides: list[str], run_dir: Path, timeou
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while time.perf_counter() - start < timeout:
-            if metrics.exists() and any(json.loads(line).get("event") == "step" for line in metrics.read_text().splitlines() if line.endswith("}")):
+            if metrics_log.events(metrics_log.read(metrics), "step"):
                 return time.perf_counter() - start
             if proc.poll() is not None and not metrics.exists():
                 break
@@ -54,7 +54,7 @@ def first_step_seconds(config: Path, overrides: list[str], run_dir: Path, timeou
 def import_seconds() -> tuple[float, list[dict[str, Any]]]:
     """Wall seconds of the training imports in a fresh interpreter, and the import time of each of PACKAGES, largest first."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", IMPORTS], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", IMPORTS], capture_output=True, text=True, timeout=600, check=False)
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"importing the training modules failed: {proc.stderr[-2000:]}")

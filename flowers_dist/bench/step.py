@@ -1,6 +1,6 @@
 """`bench step`: the model step alone on synthetic device-resident batches, against a matmul peak.
 
-The step is the training loop's own `train_step` (forward, loss, backward, SGD update) on a
+The step is the training loop's own step (`steps.optimizer_step`) (forward, loss, backward, SGD update) on a
 batch that already lives on the device, so no loader is involved. Model FLOPs are counted
 by `torch.utils.flop_counter.FlopCounterMode` over one forward + backward (2 FLOPs per
 multiply-add), not estimated; the peak is a square `torch.mm` in the same dtype, measured in
@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import ModelConfig
 from ..model import build_model
-from ..train import sync, train_step
+from ..steps import one_batch_step, sync
 from .common import spread
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,13 +68,13 @@ def step_rates(model, optimizer, images, labels, device, precision: str, warmup:
     """Images/s of `repeats` runs of `steps` steps each, after `warmup` untimed steps."""
     with autocast(device, precision):
         for _ in range(warmup):
-            train_step(model, optimizer, images, labels)
+            one_batch_step(model, optimizer, images, labels)
         rates = []
         for _ in range(repeats):
             sync(device)
             start = time.perf_counter()
             for _ in range(steps):
-                train_step(model, optimizer, images, labels)
+                one_batch_step(model, optimizer, images, labels)
             sync(device)
             rates.append(steps * images.shape[0] / (time.perf_counter() - start))
     return rates

@@ -72,7 +72,7 @@ def build_loader(cfg: DataConfig, split: Split, *, train: bool, batch_per_rank: 
     if kind == "dali":
         from .dali import build_dali_loader
 
-        return build_dali_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps, resume_state)
+        return build_dali_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps, resume_state, accum=accum)
     from .torch_loader import build_torch_loader
 
     return build_torch_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps, accum)

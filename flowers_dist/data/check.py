@@ -2,7 +2,8 @@
 
 The verdicts per file come from probe.py and are cached (check_cache.py); this module lists
 the files, runs the probes in a process pool with a progress bar, finds identical bytes
-within a split and across train and val, counts per class, and decides the exit code:
+within a split and across train and val, names images outside the class folders (no label:
+no loader reads them), counts per class, and decides the exit code:
 0 clean (readable peculiarities are noted, not problems), 1 only problems training skips,
 2 problems that stop training (a missing folder, an empty class, class lists that differ,
 a class left with no usable image).
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from ..config import DataConfig
 from .check_cache import CheckCache, cache_path
-from .folder import IMAGE_SUFFIXES, Split
+from .folder import IMAGE_SUFFIXES, Split, images_outside_classes
 from .probe import DECODERS, NOTES, Probe, probe_many
 
 SPLITS = ("train", "val")
@@ -36,6 +37,8 @@ class SplitFiles:
     classes: list[str]
     files: list[Path]
     labels: list[int]
+    outside: list[Path] = field(default_factory=list)
+    """Images directly in the split folder, in no class folder: named, never probed (no loader reads them)."""
 
 
 @dataclass
@@ -48,15 +51,17 @@ class CheckReport:
     probed: int = 0
     cached: int = 0
     cache_file: Path | None = None
+    outside: dict[str, list[Probe]] = field(default_factory=dict)  # split -> its images outside class folders
 
     @property
     def exit_code(self) -> int:
         if self.fatal:
             return 2
-        return 1 if any(p.skipped for ps in self.probes.values() for p in ps) else 0
+        return 1 if self.skipped() else 0
 
     def skipped(self) -> list[tuple[str, Probe]]:
-        return [(s, p) for s, ps in self.probes.items() for p in ps if p.skipped]
+        return ([(s, p) for s, ps in self.probes.items() for p in ps if p.skipped]
+                + [(s, p) for s, ps in self.outside.items() for p in ps])
 
     def skipped_counts(self) -> dict[str, int]:
         return dict(Counter(p.kind for _, p in self.skipped()))
@@ -89,7 +94,7 @@ class CheckReport:
             "skipped_counts": self.skipped_counts(),
             "classes": {s: {c: {"files": n, "usable": u} for c, (n, u) in self.class_counts(s).items()} for s in self.splits},
             "files": [{"split": s, **p.to_dict(), "decoders": DECODERS.get(p.kind, "")}
-                      for s, ps in self.probes.items() for p in ps if p.kind != "ok"],
+                      for s, ps in [*self.probes.items(), *self.outside.items()] for p in ps if p.kind != "ok"],
         }
 
     def format(self) -> str:
@@ -118,7 +123,7 @@ class CheckReport:
         if noted:
             lines.append(f"readable, noted ({len(noted)}):")
             lines += [f"  {self.rel(p.path)}: {', '.join(p.notes)}: {p.detail}" for p in noted]
-        kinds = sorted({p.kind for ps in self.probes.values() for p in ps if p.kind != "ok"})
+        kinds = sorted({p.kind for ps in [*self.probes.values(), *self.outside.values()] for p in ps if p.kind != "ok"})
         if kinds:
             lines.append("what the decoders do with each kind found:")
             lines += [f"  {k}: {DECODERS[k]}" for k in kinds]
@@ -141,11 +146,16 @@ def list_split(split_dir: Path, name: str) -> tuple[SplitFiles, list[str]]:
             problems.append(f"class folder {split_dir / c} holds no images (an empty class)")
         files += found
         labels += [label] * len(found)
-    return SplitFiles(name, split_dir, classes, files, labels), problems
+    return SplitFiles(name, split_dir, classes, files, labels, images_outside_classes(split_dir)), problems
 
 
 def from_split(name: str, split: Split) -> SplitFiles:
-    return SplitFiles(name, split.root, list(split.classes), list(split.files), list(split.labels))
+    return SplitFiles(name, split.root, list(split.classes), list(split.files), list(split.labels), list(split.outside))
+
+
+def outside_probe(path: Path) -> Probe:
+    """The verdict on an image outside every class folder (not probed: no loader would read it)."""
+    return Probe(str(path), "outside_class_folders", f"directly in {path.parent.name}/, outside any class folder: it has no label")
 
 
 def _probe_all(paths: list[str], cfg: DataConfig, workers: int, progress: bool) -> list[Probe]:
@@ -204,7 +214,8 @@ def check_splits(root: Path, splits: dict[str, SplitFiles], cfg: DataConfig, *, 
     probes = {name: [known[str(f)] or fresh[str(f)] for f in s.files] for name, s in splits.items()}
     _mark_copies(probes, root)
     report = CheckReport(root, splits, probes, list(fatal or []), probed=len(todo), cached=len(paths) - len(todo),
-                         cache_file=cache.path if saved else None)
+                         cache_file=cache.path if saved else None,
+                         outside={name: [outside_probe(f) for f in s.outside] for name, s in splits.items() if s.outside})
     for name, s in splits.items():
         for c, (n, usable) in report.class_counts(name).items():
             if n and not usable:

@@ -7,8 +7,9 @@ operators compute, from the same random draws, in a fraction of their CPU time.
 
 Sharding is DALI's own: the file reader takes shard `rank` of `world_size` of a permutation of
 the whole list that is the same on every rank and changes after every epoch; every rank then
-yields `num_files // (batch_per_rank * world_size)` full batches per epoch, as `train_shard`
-does, so no rank waits for another in the all-reduce.
+yields the micro-batches of `num_files // global_batch` full optimizer steps per epoch, as
+`train_shard` does, so no rank waits for another in the all-reduce. Gradient accumulation
+changes only that count: the same pipeline and reader state serve every epoch.
 
 Differences from the PyTorch loader, by design:
 - The epoch order is the reader's own sequence of permutations, applied to the file list
@@ -235,13 +236,14 @@ class _CutEpochs:
     """
 
     def __init__(self, make_pipeline: Callable[[list[int], int], object], num_files: int, batch: int, rank: int,
-                 world: int, seed: int, steps: int):
+                 world: int, seed: int, steps: int, accum: int = 1):
         self.make_pipeline, self.num_files, self.batch = make_pipeline, num_files, batch
-        self.rank, self.world, self.seed, self.steps = rank, world, seed, steps
+        self.rank, self.world, self.seed, self.steps, self.accum = rank, world, seed, steps, accum
 
     def files(self, epoch: int) -> list[int]:
         """Indices of this rank's files of the epoch, in reading order."""
-        batches = train_shard(self.num_files, self.batch, self.rank, self.world, self.seed, epoch)[:self.steps]
+        batches = train_shard(self.num_files, self.batch, self.rank, self.world, self.seed, epoch,
+                              self.accum)[:self.steps]
         return [i for b in batches for i in b]
 
     def pipeline(self, epoch: int):
@@ -421,12 +423,14 @@ def _built(pipe, split: Split):
 
 def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement,
                       seed: int, max_steps: int = 0, resume_state: str | None = None,
-                      fused: bool | None = None) -> DaliLoader:
+                      fused: bool | None = None, accum: int = 1) -> DaliLoader:
     """The DALI loader for one split; placement.workers is DALI's thread count (0 counts as 1).
 
     fused: end the CPU training graph with the one-pass kernel (None: wherever it applies and
-    numba imports; False: DALI's operators, as the benchmark compares). A max_steps below the
-    epoch's full batches reads only the files it yields (`_CutEpochs`); resume_state is then unused.
+    numba imports; False: DALI's operators, as the benchmark compares). Training yields the
+    epoch's full optimizer steps, `accum` micro-batches each; only a max_steps (micro-batches)
+    below that, train.max_steps_per_epoch, reads just the files it yields (`_CutEpochs`), and
+    resume_state is then unused.
     """
     p = placement
     on_gpu = p.device.type == "cuda"
@@ -442,10 +446,12 @@ def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank
         num_samples = (p.rank + 1) * n // p.world_size - p.rank * n // p.world_size
         # steps=0: the iterator's length, the padded shard's batches, the same on every rank
         return DaliLoader(_built(pipe, split), train=False, steps=0, num_samples=num_samples, placement=p, split=split)
-    full_steps = n // (batch_per_rank * p.world_size)
+    # Micro-batches of the epoch's full optimizer steps: with accumulation the last partial global batch
+    # is left to the drain, so the one pipeline and its reader state serve every epoch, as without it.
+    full_steps = n // (batch_per_rank * p.world_size * accum) * accum
     steps = min(full_steps, max_steps) if max_steps else full_steps
     if steps == 0:
-        raise DataError(f"{split.root}: {n} images do not fill one global batch of {batch_per_rank * p.world_size}")
+        raise DataError(f"{split.root}: {n} images do not fill one global batch of {batch_per_rank * p.world_size * accum}")
     # The augmentation seed differs per rank; the reader's seed is the same on all.
     # Checkpointing lets a resumed run continue the reader's permutations and the random
     # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
@@ -462,7 +468,7 @@ def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank
             return train_pipeline(**{**common, **files}, reader_seed=seed, seed=(pipe_seed * 1_000_003 + epoch) % 2**31,
                                   fused=fused, shuffle=False, enable_checkpointing=True)
 
-        cut = _CutEpochs(epoch_pipeline, n, batch_per_rank, p.rank, p.world_size, seed, steps)
+        cut = _CutEpochs(epoch_pipeline, n, batch_per_rank, p.rank, p.world_size, seed, steps, accum)
         return DaliLoader(None, train=True, steps=steps, num_samples=steps * batch_per_rank, placement=p, split=split, cut=cut)
     pipe = train_pipeline(**common, reader_seed=seed, seed=pipe_seed, fused=fused,
                           enable_checkpointing=True, checkpoint=resume_state)

@@ -18,6 +18,8 @@ class Split:
     classes: tuple[str, ...]
     files: tuple[Path, ...]
     labels: tuple[int, ...]
+    outside: tuple[Path, ...] = ()
+    """Images directly in the split folder, outside every class folder: no label, so no loader reads them."""
 
     def __len__(self) -> int:
         return len(self.files)
@@ -30,6 +32,11 @@ def list_classes(split_dir: Path) -> list[str]:
     if not classes:
         raise DataError(f"data folder {split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>.jpg)")
     return classes
+
+
+def images_outside_classes(split_dir: Path) -> list[Path]:
+    """Image files put directly in a split folder (train/x.jpg): they belong to no class."""
+    return sorted(p for p in split_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
 
 
 def scan_split(split_dir: str | Path, classes: list[str] | tuple[str, ...] | None = None) -> Split:
@@ -48,7 +55,7 @@ def scan_split(split_dir: str | Path, classes: list[str] | tuple[str, ...] | Non
             raise DataError(f"class folder {split_dir / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         files.extend(images)
         labels.extend([label] * len(images))
-    return Split(split_dir, tuple(found), tuple(files), tuple(labels))
+    return Split(split_dir, tuple(found), tuple(files), tuple(labels), tuple(images_outside_classes(split_dir)))
 
 
 def scan_dataset(root: str | Path) -> tuple[Split, Split]:

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from PIL import Image, UnidentifiedImageError
 
 # Kinds that keep a file out of training (the loaders never see it).
-SKIPPED = ("unreadable", "zero_bytes", "truncated", "not_image", "too_large", "too_small", "duplicate", "leak")
+SKIPPED = ("unreadable", "zero_bytes", "truncated", "not_image", "too_large", "too_small", "duplicate", "leak",
+           "outside_class_folders")
 # Kinds of readable files that both decoders handle; reported, kept.
 NOTES = ("not_jpeg", "cmyk", "grayscale", "progressive", "exif_orientation")
 
@@ -35,6 +36,7 @@ DECODERS = {
     "too_small": "PIL and DALI: decode it (a 1x1 image is upscaled to a flat colour)",
     "duplicate": "both decode it; training keeps the first copy in the split",
     "leak": "both decode it; training keeps the train copy and leaves the val copy out of evaluation",
+    "outside_class_folders": "neither loader reads it: an image's label is the name of the class folder it is in",
     "not_jpeg": "PNG: PIL and DALI both decode by content, whatever the name: identical pixels",
     "cmyk": "PIL and DALI both convert to RGB: identical pixels",
     "grayscale": "PIL and DALI both replicate the channel to RGB: identical pixels",

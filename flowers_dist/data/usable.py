@@ -9,7 +9,7 @@ from typing import Callable
 
 from ..config import DataConfig
 from . import default_workers
-from .check import CheckReport, check_splits, from_split
+from .check import CheckReport, check_splits, from_split, outside_probe
 from .folder import DataError, Split, scan_dataset
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ class Skipped:
 
     def line(self) -> str:
         if not self.checked:
-            return "data check: off (data.check=false); the PyTorch loader skips unreadable files, DALI stops on one"
+            outside = f"; {self.count} file(s) outside class folders skipped" if self.count else ""
+            return "data check: off (data.check=false); the PyTorch loader skips unreadable files, DALI stops on one" + outside
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.by_kind.items()))
         where = f"; cache {self.cache_file}" if self.cache_file else "; cache not writable"
         return (f"data check: {self.count} file(s) skipped" + (f" ({kinds})" if kinds else "")
@@ -47,10 +48,15 @@ def _workers(cfg: DataConfig) -> int:
     return default_workers(1) if cfg.num_workers < 0 else max(1, cfg.num_workers)
 
 
-def _skipped(report: CheckReport) -> Skipped:
-    files = tuple((p.path, p.kind, p.detail) for _, p in report.skipped())
+def _warn_each(files: tuple[tuple[str, str, str], ...]) -> None:
     for path, kind, detail in files:
         log.warning("skipping %s: %s: %s", path, kind, detail)
+
+
+def _skipped(report: CheckReport, log_each: bool = True) -> Skipped:
+    files = tuple((p.path, p.kind, p.detail) for _, p in report.skipped())
+    if log_each:
+        _warn_each(files)
     return Skipped(len(files), report.skipped_counts(), files, report.seconds, report.probed,
                    str(report.cache_file) if report.cache_file else None)
 
@@ -60,11 +66,20 @@ def _raise_fatal(report: CheckReport) -> None:
         raise DataError(f"{report.fatal[0]} (`flowers-dist data check {report.root}` lists every problem)")
 
 
+def _unchecked(*splits: Split, log_each: bool = True) -> Skipped:
+    """data.check=false: nothing is probed, but images outside the class folders are still counted (no loader reads them)."""
+    files = tuple((p.path, p.kind, p.detail) for p in (outside_probe(f) for s in splits for f in s.outside))
+    if log_each:
+        _warn_each(files)
+    by_kind = {files[0][1]: len(files)} if files else {}
+    return Skipped(len(files), by_kind, files, 0.0, 0, None, checked=False)
+
+
 def usable_splits(cfg: DataConfig, progress: bool = False) -> tuple[Split, Split, Skipped]:
     """Train and val holding only the files both loaders decode (or everything, with data.check=false)."""
     train, val = scan_dataset(cfg.root)  # layout errors, as before
     if not cfg.check:
-        return train, val, Skipped(0, {}, (), 0.0, 0, None, checked=False)
+        return train, val, _unchecked(train, val)
     report = check_splits(Path(cfg.root), {"train": from_split("train", train), "val": from_split("val", val)}, cfg,
                           workers=_workers(cfg), progress=progress)
     _raise_fatal(report)
@@ -72,14 +87,16 @@ def usable_splits(cfg: DataConfig, progress: bool = False) -> tuple[Split, Split
 
 
 def usable_split(cfg: DataConfig, split: Split) -> tuple[Split, Skipped]:
-    """One labelled folder (eval), checked the same way; no leakage check across splits."""
+    """One labelled folder (eval), checked the same way; no leakage check across splits.
+
+    Its skipped files are not logged: the caller lists them (each file said once)."""
     if not cfg.check:
-        return split, Skipped(0, {}, (), 0.0, 0, None, checked=False)
+        return split, _unchecked(split, log_each=False)
     # A data set's val/ shares the root's cache with training and `data check`; any other folder has its own.
     root = split.root.parent if split.root.name == "val" and (split.root.parent / "train").is_dir() else split.root
     report = check_splits(root, {"val": from_split("val", split)}, cfg, workers=_workers(cfg))
     _raise_fatal(report)
-    return report.usable("val"), _skipped(report)
+    return report.usable("val"), _skipped(report, log_each=False)
 
 
 def shared(compute: Callable[[], object], is_main: bool, broadcast: Callable[[list], object]) -> object:

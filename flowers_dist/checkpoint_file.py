@@ -1,9 +1,10 @@
-"""Checkpoint files: written atomically with a digest of their payload, read back verified, with one-line errors.
+"""Checkpoint files: written atomically (on a background thread) with a digest of their payload, read back verified.
 
 A file is a header line `flowers-dist-checkpoint 2 sha256=<hex> bytes=<n>` followed by the n
 bytes of `torch.save(state)`. Reading checks the length and the digest before unpickling, so
-a zero-byte, truncated or silently corrupted file is a one-line CheckpointError, never a
-traceback from deep inside torch or a model that loads with damaged weights.
+a zero-byte, truncated, corrupted or headerless file is a one-line CheckpointError, never a
+traceback from deep inside torch or a model that loads with damaged weights. What goes into
+the state, and when it is written, is the CheckpointManager's (checkpointing.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import torch
 from .errors import CheckpointError, DiskError
 
 FORMAT = 1
-"""Version of the state's layout (the keys inside); the file framing has its own version in MAGIC."""
-MAGIC = b"flowers-dist-checkpoint 2 "
+"""Version of the state's layout (the keys inside), stored in the state as "format"."""
+FRAMING = 2
+"""Version of the file framing (the header line); the first framing, a bare torch.save without a header, is not read."""
+MAGIC = f"flowers-dist-checkpoint {FRAMING} ".encode()
 
 
 def encode(state: dict[str, Any]) -> bytes:
@@ -121,10 +124,6 @@ class BackgroundWriter:
         except BaseException as exc:  # handed to the training thread by check()/wait()
             self._error = exc
 
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def check(self) -> None:
         """Raise the error of a write that has failed, if any; never blocks."""
         if self._error is not None:
@@ -142,7 +141,7 @@ class BackgroundWriter:
 
 
 def _read_verified(path: Path) -> bytes:
-    """The payload of a checkpoint file after its length and digest check; files without the header pass as they are."""
+    """The payload of a checkpoint file after its header, length and digest check."""
     try:
         data = path.read_bytes()
     except IsADirectoryError:
@@ -152,7 +151,7 @@ def _read_verified(path: Path) -> bytes:
     if not data:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its write never completed")
     if not data.startswith(MAGIC):
-        return data  # written before digests existed (format 1): torch.load judges it
+        raise CheckpointError(f"checkpoint {path} is not a flowers-dist checkpoint (no '{MAGIC.decode().strip()}' header)")
     end = data.find(b"\n")
     try:
         fields = dict(item.split("=", 1) for item in data[len(MAGIC):end].decode().split())
@@ -179,7 +178,7 @@ def load(path: str | Path) -> dict[str, Any]:
         first = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
         raise CheckpointError(f"checkpoint {path} cannot be read ({exc.__class__.__name__}{': ' + first if first else ''})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a flowers-dist checkpoint (format {FORMAT})")
+        raise CheckpointError(f"checkpoint {path} is not a flowers-dist checkpoint (state format {FORMAT})")
     return state
 
 

@@ -1,0 +1,131 @@
+"""The parts of a run, built one way for every entry point: `train`, every `bench` mode and the GPU check.
+
+Each builder receives the config section it needs and returns plain parts: the Accelerator, the
+data after the data check, how the global batch is dealt, the model and optimizer (sync_bn,
+placement and precision as the run has them) and the loaders. `train` adds what only a run has
+(its folder, record and resume) between the builders, through `build_parts`' `load` hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+
+from . import sync_bn
+from .config import Config, ConfigError, TrainConfig
+from .data import BatchLoader, Split, build_loader
+from .data.usable import Skipped, shared, usable_splits
+from .distributed import make_accelerator, placement
+from .model import build_model
+from .steps import build_optimizer, evaluation_model
+
+
+def run_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
+    """The Accelerator of a run: device, precision, compile, the collective timeout and cuDNN's search as configured."""
+    t = cfg.train
+    return make_accelerator(t.device, t.mixed_precision, log_with=log_with, compile_model=cfg.model.compile,
+                            collective_timeout=t.collective_timeout, cudnn_benchmark=t.cudnn_benchmark)
+
+
+@dataclass(frozen=True)
+class CheckedData:
+    """The splits holding only files both loaders decode, and what the data check left out."""
+
+    train: Split
+    val: Split
+    skipped: Skipped
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.train.classes)
+
+
+def checked_data(cfg: Config, accelerator: Accelerator) -> CheckedData:
+    """One process checks the files (cached by path, size and mtime); the others get its verdict."""
+    train, val, skipped = shared(lambda: usable_splits(cfg.data), accelerator.is_main_process, broadcast_object_list)
+    if len(train) < cfg.train.global_batch_size:
+        raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} is more than the "
+                          f"{len(train)} training images")
+    return CheckedData(train, val, skipped)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's global batch is dealt: `micro_batch` images per process, `accum` micro-batches each."""
+
+    global_batch: int
+    world: int
+    micro_batch: int
+    accum: int
+    steps_per_epoch: int
+    """Optimizer steps an epoch; the training loader yields `accum` micro-batches for each."""
+
+
+def batch_layout(cfg: TrainConfig, world: int, num_train: int) -> BatchLayout:
+    micro, accum = cfg.batch_split(world)
+    steps = num_train // cfg.global_batch_size  # the tail that does not fill a global batch waits for the next epoch
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    return BatchLayout(cfg.global_batch_size, world, micro, accum, steps)
+
+
+@dataclass
+class Parts:
+    """What every entry point trains with: the prepared model and optimizer, the evaluation model and the loaders."""
+
+    layout: BatchLayout
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    eval_model: torch.nn.Module
+    train_loader: BatchLoader
+    val_loader: BatchLoader
+    sync_bn: bool
+    sync_bn_why: str
+
+    def choices(self) -> dict:
+        """What the config's automatic choices became (environment.json, the W&B config, bench's JSON)."""
+        return {"loader": self.train_loader.kind, "micro_batch_size": self.layout.micro_batch,
+                "grad_accum_steps": self.layout.accum, "sync_bn": self.sync_bn}
+
+
+def build_parts(cfg: Config, accelerator: Accelerator, data: CheckedData,
+                load: Callable[[torch.nn.Module, torch.optim.Optimizer], str | None] | None = None) -> Parts:
+    """Model, optimizer and loaders as the config asks, in the order they must be made.
+
+    `load(model, optimizer)` runs before `prepare` (a checkpoint fits the bare model) and returns
+    this rank's saved loader state, or None; `train` passes its resume there.
+    """
+    layout = batch_layout(cfg.train, accelerator.num_processes, len(data.train))
+    set_seed(cfg.train.seed)  # same new-head initialisation on every rank
+    with accelerator.main_process_first():  # one download into the cache, the other ranks read it
+        model = build_model(cfg.model, len(data.classes))
+    use_sync_bn, why = sync_bn.wanted(cfg.model.sync_bn, layout.micro_batch, layout.world)
+    if use_sync_bn:  # before the optimizer and prepare; the parameters stay the same tensors
+        model, converted = sync_bn.convert(model)
+        why += f"; {converted} BatchNorm layers synchronised"
+    optimizer = build_optimizer(cfg.optim, model, fused=accelerator.device.type == "cuda")
+    loader_state = load(model, optimizer) if load is not None else None
+    model, optimizer = accelerator.prepare(model, optimizer)
+    eval_model = evaluation_model(model, accelerator.unwrap_model(model, keep_torch_compile=False),
+                                  accelerator.state.dynamo_plugin.to_kwargs())
+    train_loader, val_loader = build_loaders(cfg, accelerator, data, layout, loader_state)
+    return Parts(layout, model, optimizer, eval_model, train_loader, val_loader, use_sync_bn, why)
+
+
+def build_loaders(cfg: Config, accelerator: Accelerator, data: CheckedData, layout: BatchLayout,
+                  resume_state: str | None = None) -> tuple[BatchLoader, BatchLoader]:
+    place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
+    micro_batches = layout.steps_per_epoch * layout.accum
+    train_loader = build_loader(cfg.data, data.train, train=True, batch_per_rank=layout.micro_batch, placement=place,
+                                seed=cfg.train.seed, max_steps=micro_batches, resume_state=resume_state,
+                                accum=layout.accum)
+    if len(train_loader) != micro_batches:  # the loaders' contract with the loop; a bug if it breaks
+        raise RuntimeError(f"the loader yields {len(train_loader)} micro-batches an epoch, not "
+                           f"{layout.steps_per_epoch} x {layout.accum}")
+    val_loader = build_loader(cfg.data, data.val, train=False, batch_per_rank=cfg.train.eval_batch_size,
+                              placement=place, seed=cfg.train.seed)
+    return train_loader, val_loader
