@@ -41,7 +41,9 @@ def cpu_model() -> str:
 
 def run(args: list[str]) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "flowers_dist", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowers_dist", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"flowers-dist {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
 
@@ -60,8 +62,17 @@ def main() -> None:
             out = Path(tmp) / f"bench-{accum}.json"
             run(["bench", "train", *common, "--warmup", "3", "--steps", str(args.steps), "--out", str(out)])
             bench = json.loads(out.read_text())["results"]
-            run(["train", *common, "train.epochs=1", "train.log_every=5", "train.progress=lines",
-                 f"train.output_dir={tmp}", f"train.name=train-{accum}"])
+            run(
+                [
+                    "train",
+                    *common,
+                    "train.epochs=1",
+                    "train.log_every=5",
+                    "train.progress=lines",
+                    f"train.output_dir={tmp}",
+                    f"train.name=train-{accum}",
+                ]
+            )
             steps = metrics_log.events(metrics_log.read(metrics_log.path_of(Path(tmp) / f"train-{accum}")), "step")
             train_rate = statistics.median(r["images_per_s"] for r in steps[1:])
             rows.append((accum, bench["micro_batch_size"], bench["loader"], bench["images_per_s"], train_rate))

@@ -80,7 +80,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             parts: list = [None] * world
             dist.all_gather_object(parts, {"sums": [0.0, 0.0, 8.0], "loader": None})
             if rank == 0:
-                state = {"format": checkpoint_file.FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(), "parts": parts}
+                state = {
+                    "format": checkpoint_file.FORMAT,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "parts": parts,
+                }
                 writer.save(state, [Path(folder) / f"step-{i}.pt", Path(folder) / "last.pt"])
             waits.append(time.perf_counter() - t)
             if rank == 0:
@@ -89,11 +94,17 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
                 write = time.perf_counter() - t
         size = (Path(folder) / "last.pt").stat().st_size if rank == 0 else 0
     if rank == 0:
-        Path(out).write_text(json.dumps({
-            "stop_check_allreduce_s": check, "train_step_s": statistics.median(step_times),
-            "checkpoint_loop_wait_s": statistics.median(waits), "checkpoint_background_write_s": write,
-            "checkpoint_bytes": size,
-        }))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "stop_check_allreduce_s": check,
+                    "train_step_s": statistics.median(step_times),
+                    "checkpoint_loop_wait_s": statistics.median(waits),
+                    "checkpoint_background_write_s": write,
+                    "checkpoint_bytes": size,
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
@@ -113,7 +124,9 @@ def main() -> None:
     wait = figures["checkpoint_loop_wait_s"]
     result = {
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "host": socket.gethostname()},
-        "torch": torch.__version__, "world_size": args.world, **figures,
+        "torch": torch.__version__,
+        "world_size": args.world,
+        **figures,
         "stop_check_share_per_step_every_10": check / 10 / step,
         "checkpoint_wait_in_steps": wait / step,
     }
@@ -121,10 +134,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
-    print(f"\nstop check: {check * 1e6:.0f} us per all-reduce = {100 * check / 10 / step:.3f} % of a "
-          f"{step * 1e3:.0f} ms step when done every 10 steps")
-    print(f"periodic checkpoint: the loop waits {wait * 1e3:.0f} ms (= {wait / step:.2f} steps) per checkpoint; "
-          f"the {figures['checkpoint_bytes'] / 1e6:.0f} MB write takes {figures['checkpoint_background_write_s']:.2f} s on a thread")
+    print(
+        f"\nstop check: {check * 1e6:.0f} us per all-reduce = {100 * check / 10 / step:.3f} % of a "
+        f"{step * 1e3:.0f} ms step when done every 10 steps"
+    )
+    print(
+        f"periodic checkpoint: the loop waits {wait * 1e3:.0f} ms (= {wait / step:.2f} steps) per checkpoint; "
+        f"the {figures['checkpoint_bytes'] / 1e6:.0f} MB write takes {figures['checkpoint_background_write_s']:.2f} s on a thread"
+    )
 
 
 if __name__ == "__main__":

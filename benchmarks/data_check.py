@@ -51,15 +51,24 @@ def main() -> None:
                 train, val, skipped = usable_splits(cfg)
                 times.append(time.perf_counter() - start)
     result = {
-        "data": args.data, "files": len(train) + len(val) + skipped.count, "skipped": skipped.count,
-        "first_s": first, "cached_s": cached,
-        "first_median_s": statistics.median(first), "cached_median_s": statistics.median(cached),
-        "workers": default_workers(1) if args.workers < 0 else args.workers, "cores": len(os.sched_getaffinity(0)),
-        "processor": processor(), "load_average": os.getloadavg(), "host": socket.gethostname(),
+        "data": args.data,
+        "files": len(train) + len(val) + skipped.count,
+        "skipped": skipped.count,
+        "first_s": first,
+        "cached_s": cached,
+        "first_median_s": statistics.median(first),
+        "cached_median_s": statistics.median(cached),
+        "workers": default_workers(1) if args.workers < 0 else args.workers,
+        "cores": len(os.sched_getaffinity(0)),
+        "processor": processor(),
+        "load_average": os.getloadavg(),
+        "host": socket.gethostname(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    print(f"data check of {result['files']} files on {result['processor']} ({result['cores']} cores, load {result['load_average'][0]:.1f}): "
-          f"first {result['first_median_s']:.2f} s, cached {result['cached_median_s']:.3f} s (median of {args.rounds})")
+    print(
+        f"data check of {result['files']} files on {result['processor']} ({result['cores']} cores, load {result['load_average'][0]:.1f}): "
+        f"first {result['first_median_s']:.2f} s, cached {result['cached_median_s']:.3f} s (median of {args.rounds})"
+    )
     out = REPO / "benchmarks" / "results" / f"data_check-{socket.gethostname()}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -31,8 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flowers_dist.config import DataConfig  # noqa: E402
 from flowers_dist.bench.loader import loader_rates  # noqa: E402
+from flowers_dist.config import DataConfig  # noqa: E402
 from flowers_dist.data import Placement, default_workers, scan_split  # noqa: E402
 
 RECIPES = {
@@ -42,7 +42,9 @@ RECIPES = {
 }
 
 
-def measure(loader_kind: str, recipe: str, split, batch: int, workers: int, epochs: int, device: torch.device) -> list[float]:
+def measure(
+    loader_kind: str, recipe: str, split, batch: int, workers: int, epochs: int, device: torch.device
+) -> list[float]:
     """Images/s of `epochs` epochs after one warm-up epoch (the same measurement as `flowers-dist bench loader`).
 
     "dali-ops" is the DALI loader with DALI's own rotate and colour operators instead of the fused
@@ -56,9 +58,16 @@ def measure(loader_kind: str, recipe: str, split, batch: int, workers: int, epoc
 def _commit() -> str:
     """HEAD, marked -dirty when the working tree differs from it (the figures belong to that tree)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -66,16 +75,24 @@ def _commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "flowers", help="data-set root (its train/ is read)")
+    parser.add_argument(
+        "--data", type=Path, default=REPO.parent / "shared" / "flowers", help="data-set root (its train/ is read)"
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--cores", type=int, default=default_workers(1), help="DALI threads = PyTorch workers")
-    parser.add_argument("--extra", type=int, default=1,
-                        help="also try cores+1 .. cores+extra DALI threads and PyTorch workers; the best of each is compared")
+    parser.add_argument(
+        "--extra",
+        type=int,
+        default=1,
+        help="also try cores+1 .. cores+extra DALI threads and PyTorch workers; the best of each is compared",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per round")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"loader-{socket.gethostname()}.json")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / f"loader-{socket.gethostname()}.json"
+    )
     args = parser.parse_args()
 
     split = scan_split(args.data / "train")
@@ -89,14 +106,21 @@ def main() -> None:
     for round_ in range(args.rounds):
         for recipe, kind, workers in settings:
             rates[recipe, kind, workers] += measure(kind, recipe, split, args.batch, workers, args.epochs, device)
-            print(f"  round {round_ + 1}: {recipe:<7} {kind:<6} {workers} workers: "
-                  f"{statistics.median(rates[recipe, kind, workers]):.0f} img/s so far", file=sys.stderr)
-    rows = [dict(recipe=recipe, loader=kind, workers=w, rates=r, median=statistics.median(r), min=min(r), max=max(r))
-            for (recipe, kind, w), r in rates.items()]
+            print(
+                f"  round {round_ + 1}: {recipe:<7} {kind:<6} {workers} workers: "
+                f"{statistics.median(rates[recipe, kind, workers]):.0f} img/s so far",
+                file=sys.stderr,
+            )
+    rows = [
+        dict(recipe=recipe, loader=kind, workers=w, rates=r, median=statistics.median(r), min=min(r), max=max(r))
+        for (recipe, kind, w), r in rates.items()
+    ]
 
-    print(f"\n{len(split)} train images from {args.data}, batch {args.batch}, {args.cores} cores, device {device}, "
-          f"{args.rounds} rounds x {args.epochs} epochs, each after 1 warm-up epoch; load average "
-          f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n")
+    print(
+        f"\n{len(split)} train images from {args.data}, batch {args.batch}, {args.cores} cores, device {device}, "
+        f"{args.rounds} rounds x {args.epochs} epochs, each after 1 warm-up epoch; load average "
+        f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n"
+    )
     print(f"{'recipe':<8}{'loader':<8}{'threads':>8}{'median img/s':>14}{'min':>8}{'max':>8}")
     for r in rows:
         print(f"{r['recipe']:<8}{r['loader']:<8}{r['workers']:>8}{r['median']:>14.0f}{r['min']:>8.0f}{r['max']:>8.0f}")
@@ -113,20 +137,44 @@ def main() -> None:
         print(f"recipe: DALI with the fused CPU finish / with DALI's rotate and colour operators = {fused_gain:.2f}x")
 
     import nvidia.dali
-    import torchvision
     import PIL
+    import torchvision
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(
-        when=datetime.now(timezone.utc).isoformat(timespec="seconds"), host=socket.gethostname(),
-        cpu=platform.processor() or platform.machine(), cores=args.cores, device=str(device),
-        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        commit=_commit(), command=" ".join([Path(sys.executable).name, *sys.argv]),
-        versions=dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-                      dali=nvidia.dali.__version__, pillow=PIL.__version__),
-        data=str(args.data), images=len(split), batch=args.batch, rounds=args.rounds, epochs=args.epochs,
-        recipes={k: RECIPES[k] for k in args.recipes}, load_average_before=load_before, load_average_after=os.getloadavg(), rows=rows, ratio_dali_over_best_torch=ratios, fused_finish_speedup=fused_gain,
-    ), indent=1) + "\n")
+    args.out.write_text(
+        json.dumps(
+            dict(
+                when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                host=socket.gethostname(),
+                cpu=platform.processor() or platform.machine(),
+                cores=args.cores,
+                device=str(device),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                commit=_commit(),
+                command=" ".join([Path(sys.executable).name, *sys.argv]),
+                versions=dict(
+                    python=platform.python_version(),
+                    torch=torch.__version__,
+                    torchvision=torchvision.__version__,
+                    dali=nvidia.dali.__version__,
+                    pillow=PIL.__version__,
+                ),
+                data=str(args.data),
+                images=len(split),
+                batch=args.batch,
+                rounds=args.rounds,
+                epochs=args.epochs,
+                recipes={k: RECIPES[k] for k in args.recipes},
+                load_average_before=load_before,
+                load_average_after=os.getloadavg(),
+                rows=rows,
+                ratio_dali_over_best_torch=ratios,
+                fused_finish_speedup=fused_gain,
+            ),
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 

@@ -39,8 +39,8 @@ def _worker(rank: int, store_path: str, args: argparse.Namespace, out: str) -> N
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from flowers_dist.config import OptimConfig
-    from flowers_dist.sync_bn import convert
     from flowers_dist.steps import build_optimizer, one_batch_step
+    from flowers_dist.sync_bn import convert
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD)
@@ -85,18 +85,39 @@ def main() -> None:
         times = json.loads(Path(out).read_text())
     med = {mode: statistics.median(t) for mode, t in times.items()}
     cost = med["sync"] - med["plain"]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"ResNet-18, {WORLD} gloo processes x {args.threads} thread(s), {args.batch} images/process at {args.size} px, "
-          f"{args.rounds} rounds x {args.steps} steps; {cpu}; load average {os.getloadavg()[0]:.2f}")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"ResNet-18, {WORLD} gloo processes x {args.threads} thread(s), {args.batch} images/process at {args.size} px, "
+        f"{args.rounds} rounds x {args.steps} steps; {cpu}; load average {os.getloadavg()[0]:.2f}"
+    )
     for mode, t in times.items():
-        print(f"  {mode:5s} BatchNorm: median step {med[mode] * 1e3:8.1f} ms (range {min(t) * 1e3:.1f}-{max(t) * 1e3:.1f})")
-    print(f"  SyncBatchNorm adds {cost * 1e3:+.1f} ms per step ({cost / med['plain']:+.1%}), "
-          f"{cost / 40 * 1e6:+.0f} us per all-reduce (20 layers x forward and backward)")
-    result = {"benchmark": "sync_bn", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "host": socket.gethostname(), "cpu": cpu, "load_average": os.getloadavg(), "torch": torch.__version__,
-              "args": vars(args), "median_step_s": med, "cost_per_step_s": cost, "relative_cost": cost / med["plain"],
-              "step_times_s": times}
+        print(
+            f"  {mode:5s} BatchNorm: median step {med[mode] * 1e3:8.1f} ms (range {min(t) * 1e3:.1f}-{max(t) * 1e3:.1f})"
+        )
+    print(
+        f"  SyncBatchNorm adds {cost * 1e3:+.1f} ms per step ({cost / med['plain']:+.1%}), "
+        f"{cost / 40 * 1e6:+.0f} us per all-reduce (20 layers x forward and backward)"
+    )
+    result = {
+        "benchmark": "sync_bn",
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+        "args": vars(args),
+        "median_step_s": med,
+        "cost_per_step_s": cost,
+        "relative_cost": cost / med["plain"],
+        "step_times_s": times,
+    }
     dest = REPO / "benchmarks" / "results" / f"sync_bn-{socket.gethostname()}.json"
     dest.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {dest.relative_to(REPO)}")

@@ -151,14 +151,16 @@ def _read_verified(path: Path) -> bytes:
     if not data:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its write never completed")
     if not data.startswith(MAGIC):
-        raise CheckpointError(f"checkpoint {path} is not a flowers-dist checkpoint (no '{MAGIC.decode().strip()}' header)")
+        raise CheckpointError(
+            f"checkpoint {path} is not a flowers-dist checkpoint (no '{MAGIC.decode().strip()}' header)"
+        )
     end = data.find(b"\n")
     try:
-        fields = dict(item.split("=", 1) for item in data[len(MAGIC):end].decode().split())
+        fields = dict(item.split("=", 1) for item in data[len(MAGIC) : end].decode().split())
         digest, size = fields["sha256"], int(fields["bytes"])
     except (ValueError, KeyError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path} has a damaged header") from None
-    payload = data[end + 1:]
+    payload = data[end + 1 :]
     if len(payload) != size:
         raise CheckpointError(f"checkpoint {path} is truncated ({len(payload)} of {size} bytes)")
     if hashlib.sha256(payload).hexdigest() != digest:
@@ -176,7 +178,9 @@ def load(path: str | Path) -> dict[str, Any]:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for damaged files
         first = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.__class__.__name__}{': ' + first if first else ''})") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({exc.__class__.__name__}{': ' + first if first else ''})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a flowers-dist checkpoint (state format {FORMAT})")
     return state

@@ -89,7 +89,9 @@ class CheckpointManager:
 
     # -- the run folder ----------------------------------------------------------------------
     @staticmethod
-    def claim(output_dir: str, name: str, mode: str, explicit: Path | None, cfg: TrainConfig) -> tuple[Claim, "CheckpointManager"]:
+    def claim(
+        output_dir: str, name: str, mode: str, explicit: Path | None, cfg: TrainConfig
+    ) -> tuple[Claim, CheckpointManager]:
         """Main process: take the folder's lock and decide between a fresh start and a resume (see train.resume)."""
         run_dir = explicit if explicit is not None else Path(output_dir) / name
         manager = CheckpointManager(run_dir, cfg, is_main=True)
@@ -98,8 +100,10 @@ class CheckpointManager:
         if explicit is not None and not existed:
             raise ConfigError(f"--resume {run_dir}: no such run folder")
         if mode == "never" and explicit is None and existed:
-            raise ConfigError(f"run folder {run_dir} already exists and train.resume=never; choose another train.name "
-                              f"or resume it (train.resume=auto)")
+            raise ConfigError(
+                f"run folder {run_dir} already exists and train.resume=never; choose another train.name "
+                f"or resume it (train.resume=auto)"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         note = manager.lock.acquire()
         if note:
@@ -129,8 +133,11 @@ class CheckpointManager:
         """Checkpoint files, newest first: last.pt, the step files by step, best.pt."""
         if not self.dir.is_dir():
             return []
-        steps = sorted((p for p in self.dir.iterdir() if STEP_FILE.match(p.name)),
-                       key=lambda p: int(STEP_FILE.match(p.name).group(1)), reverse=True)
+        steps = sorted(
+            (p for p in self.dir.iterdir() if STEP_FILE.match(p.name)),
+            key=lambda p: int(STEP_FILE.match(p.name).group(1)),
+            reverse=True,
+        )
         return [p for p in [self.dir / "last.pt", *steps, self.dir / "best.pt"] if p.exists()]
 
     def newest_valid(self) -> tuple[Path | None, list[str]]:
@@ -148,9 +155,19 @@ class CheckpointManager:
         return None, notes
 
     # -- what a checkpoint holds -------------------------------------------------------------
-    def state(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
-              rank_sums: list[list[float]], loader_states: list[str | None], world: int,
-              config: dict[str, Any], classes: list[str], scaler: Any = None) -> dict[str, Any]:
+    def state(
+        self,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        progress: Progress,
+        rank_sums: list[list[float]],
+        loader_states: list[str | None],
+        world: int,
+        config: dict[str, Any],
+        classes: list[str],
+        scaler: Any = None,
+    ) -> dict[str, Any]:
         """The checkpoint of the run at `progress.position`; rank_sums and loader_states hold every rank's.
 
         `scaler`: fp16's GradScaler, whose loss scale a resume must continue from (a fresh one restarts
@@ -162,15 +179,28 @@ class CheckpointManager:
             # The last completed epoch (-1 before the first), as eval, predict and reports read it.
             "epoch": pos.epoch - 1,
             "position": {"epoch": pos.epoch, "step": pos.step},
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": checkpoint_file.rng_state(), "config": config, "classes": classes,
-            "best": progress.best, "elapsed": progress.elapsed, "world_size": world,
-            "loader_states": loader_states, "epoch_sums": rank_sums,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": checkpoint_file.rng_state(),
+            "config": config,
+            "classes": classes,
+            "best": progress.best,
+            "elapsed": progress.elapsed,
+            "world_size": world,
+            "loader_states": loader_states,
+            "epoch_sums": rank_sums,
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
 
-    def restore(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                rank: int, world: int, scaler: Any = None) -> Progress:
+    def restore(
+        self,
+        state: dict[str, Any],
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        rank: int,
+        world: int,
+        scaler: Any = None,
+    ) -> Progress:
         """Load weights, optimizer, generators (and fp16's loss scale); return where training continues.
 
         `state` is one that `state()` wrote (checkpoint_file.load has checked its header, digest and format)."""
@@ -218,7 +248,7 @@ class CheckpointManager:
     def _prune(self) -> None:
         """Keep the newest train.keep_checkpoints step files (last.pt and best.pt are links of their own)."""
         steps = [p for p in self.candidates() if STEP_FILE.match(p.name)]
-        for old in steps[max(1, self.cfg.keep_checkpoints):]:
+        for old in steps[max(1, self.cfg.keep_checkpoints) :]:
             old.unlink(missing_ok=True)
 
     def check(self) -> None:

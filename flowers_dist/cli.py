@@ -11,18 +11,40 @@ from pathlib import Path
 
 # Only light imports here: torch and timm load with the command that needs them.
 # Errors a user can fix get one line, not a traceback.
-from .errors import (EXIT_DISK, EXIT_HUNG, EXIT_PREEMPTED, EXIT_USER_ERROR, USER_ERRORS, ConfigError, DataError, DiskError,
-                     HungError, PreemptedError)
+from .errors import (
+    EXIT_DISK,
+    EXIT_HUNG,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    USER_ERRORS,
+    ConfigError,
+    DataError,
+    DiskError,
+    HungError,
+    PreemptedError,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowers-dist", description="Distributed image-classification training (flowers).")
+    parser = argparse.ArgumentParser(
+        prog="flowers-dist", description="Distributed image-classification training (flowers)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train, or resume, a run", description="Train with a YAML config; extra arguments section.key=value override it.")
-    train.add_argument("--config", type=Path, help="YAML config (configs/*.yaml); defaults to the run's own config with --resume")
-    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in this folder from its last checkpoint")
-    train.add_argument("--force", action="store_true", help="resume even with overrides that change what the run computes")
+    train = sub.add_parser(
+        "train",
+        help="train, or resume, a run",
+        description="Train with a YAML config; extra arguments section.key=value override it.",
+    )
+    train.add_argument(
+        "--config", type=Path, help="YAML config (configs/*.yaml); defaults to the run's own config with --resume"
+    )
+    train.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue the run in this folder from its last checkpoint"
+    )
+    train.add_argument(
+        "--force", action="store_true", help="resume even with overrides that change what the run computes"
+    )
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a labelled folder")
@@ -32,8 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=-1, help="decode workers per process (-1 = cores per process)")
     ev.add_argument("--device", choices=["auto", "cpu"], default="auto")
     ev.add_argument("--json", help="also write the result as JSON here")
-    ev.add_argument("--loader", choices=["auto", "dali", "torch"], default="auto",
-                    help="decoder: auto = DALI where it imports, else PyTorch (files that do not decode are skipped and named)")
+    ev.add_argument(
+        "--loader",
+        choices=["auto", "dali", "torch"],
+        default="auto",
+        help="decoder: auto = DALI where it imports, else PyTorch (files that do not decode are skipped and named)",
+    )
 
     pr = sub.add_parser("predict", help="top-k classes for images or folders of images")
     pr.add_argument("checkpoint", type=Path)
@@ -44,8 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="plots and a summary of a run (finished or not) from its metrics.jsonl")
     rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 
-    bench = sub.add_parser("bench", help="measure loader, model step, training loop or scaling, and say where the time goes",
-                           description="Benchmark one part of training with a YAML config; extra arguments section.key=value override it.")
+    bench = sub.add_parser(
+        "bench",
+        help="measure loader, model step, training loop or scaling, and say where the time goes",
+        description="Benchmark one part of training with a YAML config; extra arguments section.key=value override it.",
+    )
     from .bench import add_arguments
 
     add_arguments(bench)
@@ -61,7 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--keep-archive", action="store_true")
     from .data.check_cli import add_arguments as add_check_arguments
 
-    add_check_arguments(data_sub.add_parser("check", help="find unreadable, odd, duplicate and leaked files; exit 0 clean, 1 skippable, 2 fatal"))
+    add_check_arguments(
+        data_sub.add_parser(
+            "check", help="find unreadable, odd, duplicate and leaked files; exit 0 clean, 1 skippable, 2 fatal"
+        )
+    )
     return parser
 
 
@@ -139,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
             kwargs = {k: v for k, v in {"url": args.url, "sha256": args.sha256}.items() if v}
             try:
-                fetch_flowers(args.dest, val_fraction=args.val_fraction, seed=args.seed, keep_archive=args.keep_archive, **kwargs)
+                fetch_flowers(
+                    args.dest, val_fraction=args.val_fraction, seed=args.seed, keep_archive=args.keep_archive, **kwargs
+                )
             except FetchError as exc:
                 raise DataError(str(exc)) from None
     except PreemptedError as exc:

@@ -57,16 +57,27 @@ class DataConfig:
     def validate(self) -> None:
         _check(self.image_size >= 16, "data.image_size", f"must be >= 16, got {self.image_size}")
         _check(0 < self.eval_crop_ratio <= 1, "data.eval_crop_ratio", f"must be in (0, 1], got {self.eval_crop_ratio}")
-        _check(0 < self.scale[0] <= self.scale[1] <= 1, "data.scale", f"must satisfy 0 < lo <= hi <= 1, got {list(self.scale)}")
+        _check(
+            0 < self.scale[0] <= self.scale[1] <= 1,
+            "data.scale",
+            f"must satisfy 0 < lo <= hi <= 1, got {list(self.scale)}",
+        )
         _check(0 < self.ratio[0] <= self.ratio[1], "data.ratio", f"must satisfy 0 < lo <= hi, got {list(self.ratio)}")
         _check(0 <= self.hflip <= 1, "data.hflip", f"must be a probability, got {self.hflip}")
         _check(0 <= self.rotation <= 180, "data.rotation", f"must be in [0, 180] degrees, got {self.rotation}")
         _check(0 <= self.color_jitter <= 1, "data.color_jitter", f"must be in [0, 1], got {self.color_jitter}")
         _check(all(s > 0 for s in self.std), "data.std", f"must be positive, got {list(self.std)}")
         _check(self.num_workers >= -1, "data.num_workers", f"must be -1 (auto) or >= 0, got {self.num_workers}")
-        _check(self.hw_decoder_load == -1 or 0 <= self.hw_decoder_load <= 1, "data.hw_decoder_load",
-               f"must be -1 (DALI's default) or in [0, 1], got {self.hw_decoder_load}")
-        _check(0 < self.max_pixels <= 178_956_970, "data.max_pixels", f"must be in [1, 178956970] (PIL's limit), got {self.max_pixels}")
+        _check(
+            self.hw_decoder_load == -1 or 0 <= self.hw_decoder_load <= 1,
+            "data.hw_decoder_load",
+            f"must be -1 (DALI's default) or in [0, 1], got {self.hw_decoder_load}",
+        )
+        _check(
+            0 < self.max_pixels <= 178_956_970,
+            "data.max_pixels",
+            f"must be in [1, 178956970] (PIL's limit), got {self.max_pixels}",
+        )
         _check(self.min_side >= 1, "data.min_side", f"must be >= 1, got {self.min_side}")
 
     @property
@@ -130,9 +141,16 @@ class OptimConfig:
         _check(0 < self.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {self.gamma}")
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(not (self.warmup_steps and self.warmup_epochs), "optim.warmup_steps",
-               f"set it or optim.warmup_epochs, not both (got {self.warmup_steps} and {self.warmup_epochs})")
-        _check(self.reference_batch_size >= 1, "optim.reference_batch_size", f"must be >= 1, got {self.reference_batch_size}")
+        _check(
+            not (self.warmup_steps and self.warmup_epochs),
+            "optim.warmup_steps",
+            f"set it or optim.warmup_epochs, not both (got {self.warmup_steps} and {self.warmup_epochs})",
+        )
+        _check(
+            self.reference_batch_size >= 1,
+            "optim.reference_batch_size",
+            f"must be >= 1, got {self.reference_batch_size}",
+        )
         _check(not self.nesterov or self.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
 
 
@@ -186,20 +204,45 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", f"must be >= 0, got {self.max_steps_per_epoch}")
-        _check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0 (0 = derived), got {self.micro_batch_size}")
-        _check(self.grad_accum_steps >= 0, "train.grad_accum_steps", f"must be >= 0 (0 = derived), got {self.grad_accum_steps}")
+        _check(
+            self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", f"must be >= 0, got {self.max_steps_per_epoch}"
+        )
+        _check(
+            self.micro_batch_size >= 0,
+            "train.micro_batch_size",
+            f"must be >= 0 (0 = derived), got {self.micro_batch_size}",
+        )
+        _check(
+            self.grad_accum_steps >= 0,
+            "train.grad_accum_steps",
+            f"must be >= 0 (0 = derived), got {self.grad_accum_steps}",
+        )
         if self.micro_batch_size and self.grad_accum_steps:
-            _check(self.global_batch_size % (self.micro_batch_size * self.grad_accum_steps) == 0, "train.micro_batch_size",
-                   f"{self.micro_batch_size} x train.grad_accum_steps {self.grad_accum_steps} does not divide "
-                   f"train.global_batch_size {self.global_batch_size}")
+            _check(
+                self.global_batch_size % (self.micro_batch_size * self.grad_accum_steps) == 0,
+                "train.micro_batch_size",
+                f"{self.micro_batch_size} x train.grad_accum_steps {self.grad_accum_steps} does not divide "
+                f"train.global_batch_size {self.global_batch_size}",
+            )
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _check("/" not in self.name, "train.name", f"must not contain '/', got {self.name!r}")
-        _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", f"must be >= 0, got {self.checkpoint_every_steps}")
-        _check(self.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", f"must be >= 0, got {self.checkpoint_every_minutes}")
+        _check(
+            self.checkpoint_every_steps >= 0,
+            "train.checkpoint_every_steps",
+            f"must be >= 0, got {self.checkpoint_every_steps}",
+        )
+        _check(
+            self.checkpoint_every_minutes >= 0,
+            "train.checkpoint_every_minutes",
+            f"must be >= 0, got {self.checkpoint_every_minutes}",
+        )
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _check(self.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {self.stop_check_every}")
-        _check(self.collective_timeout > 0, "train.collective_timeout", f"must be > 0 seconds, got {self.collective_timeout}")
+        _check(
+            self.collective_timeout > 0,
+            "train.collective_timeout",
+            f"must be > 0 seconds, got {self.collective_timeout}",
+        )
         _check(self.watchdog >= 0, "train.watchdog", f"must be >= 0 seconds (0 = off), got {self.watchdog}")
 
     def batch_split(self, world_size: int) -> tuple[int, int]:
@@ -207,16 +250,25 @@ class TrainConfig:
         global batch = micro x processes x accumulation; whichever of the two is 0 is derived."""
         g, micro, accum = self.global_batch_size, self.micro_batch_size, self.grad_accum_steps
         if micro and accum:
-            _check(micro * world_size * accum == g, "train.global_batch_size",
-                   f"{g} != train.micro_batch_size {micro} x {world_size} processes x train.grad_accum_steps {accum}")
+            _check(
+                micro * world_size * accum == g,
+                "train.global_batch_size",
+                f"{g} != train.micro_batch_size {micro} x {world_size} processes x train.grad_accum_steps {accum}",
+            )
         elif micro:
-            _check(g % (micro * world_size) == 0, "train.micro_batch_size",
-                   f"{micro} x {world_size} processes does not divide train.global_batch_size {g}")
+            _check(
+                g % (micro * world_size) == 0,
+                "train.micro_batch_size",
+                f"{micro} x {world_size} processes does not divide train.global_batch_size {g}",
+            )
             accum = g // (micro * world_size)
         else:
             accum = accum or 1
-            _check(g % (world_size * accum) == 0, "train.global_batch_size",
-                   f"{g} does not split evenly over {world_size} processes x train.grad_accum_steps {accum}")
+            _check(
+                g % (world_size * accum) == 0,
+                "train.global_batch_size",
+                f"{g} does not split evenly over {world_size} processes x train.grad_accum_steps {accum}",
+            )
             micro = g // (world_size * accum)
         return micro, accum
 
@@ -239,7 +291,9 @@ class TrackingConfig:
     def validate(self) -> None:
         _check(bool(self.project.strip()), "tracking.project", "must not be empty")
         _check(all(t.strip() for t in self.tags), "tracking.tags", f"must not hold empty tags, got {list(self.tags)}")
-        _check(0 < self.target_accuracy <= 1, "tracking.target_accuracy", f"must be in (0, 1], got {self.target_accuracy}")
+        _check(
+            0 < self.target_accuracy <= 1, "tracking.target_accuracy", f"must be in (0, 1], got {self.target_accuracy}"
+        )
 
 
 @dataclass
@@ -288,8 +342,11 @@ ConfigLoader.yaml_implicit_resolvers = {
 }
 ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
-YAML11_BOOLEANS = {word: truth for words, truth in (("yes Yes YES on On ON", True), ("no No NO off Off OFF", False))
-                   for word in words.split()}
+YAML11_BOOLEANS = {
+    word: truth
+    for words, truth in (("yes Yes YES on On ON", True), ("no No NO off Off OFF", False))
+    for word in words.split()
+}
 """The spellings YAML 1.1 reads as booleans, which ConfigLoader leaves as text; a true/false key takes them."""
 
 

@@ -26,14 +26,18 @@ class Console:
         if self.use_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True, leave=False)
+            self._bar = tqdm(
+                total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True, leave=False
+            )
 
     def advance(self, steps: int, loss: float | None = None, images_per_s: float | None = None) -> None:
         if self._bar is None:
             return
         self._bar.update(steps)
         if loss is not None:
-            self._bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.0f}" if images_per_s else "-", refresh=False)
+            self._bar.set_postfix(
+                loss=f"{loss:.3f}", img_s=f"{images_per_s:.0f}" if images_per_s else "-", refresh=False
+            )
 
     def close_bar(self) -> None:
         if self._bar is not None:

@@ -13,8 +13,14 @@ from .config import ConfigError
 from .data import Placement, default_workers
 
 
-def make_accelerator(device: str, mixed_precision: str, log_with: str | None = None, compile_model: bool = False,
-                     collective_timeout: float | None = None, cudnn_benchmark: bool = True) -> Accelerator:
+def make_accelerator(
+    device: str,
+    mixed_precision: str,
+    log_with: str | None = None,
+    compile_model: bool = False,
+    collective_timeout: float | None = None,
+    cudnn_benchmark: bool = True,
+) -> Accelerator:
     """The Accelerator for this process: CPU or GPU, precision, trackers, and torch.compile when asked.
 
     compile_model=False leaves the choice to Accelerate's own setting (`accelerate launch
@@ -30,17 +36,26 @@ def make_accelerator(device: str, mixed_precision: str, log_with: str | None = N
     # cpu=True is what makes several CPU processes form one gloo group; without it every
     # process on a GPU-less host believes it is rank 0 of 1.
     handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))] if collective_timeout else []
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, log_with=log_with,
-                              dynamo_backend="inductor" if compile_model else None, kwargs_handlers=handlers)
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        dynamo_backend="inductor" if compile_model else None,
+        kwargs_handlers=handlers,
+    )
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = cudnn_benchmark
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
-        raise RuntimeError(f"launched {launched} processes but Accelerate formed a world of {accelerator.num_processes}; on the CPU launch with `accelerate launch --multi_gpu --num_processes N` (not --cpu)")
+        raise RuntimeError(
+            f"launched {launched} processes but Accelerate formed a world of {accelerator.num_processes}; on the CPU launch with `accelerate launch --multi_gpu --num_processes N` (not --cpu)"
+        )
     return accelerator
 
 
-def placement(accelerator: Accelerator, *, channels_last: bool, workers: int, dtype: torch.dtype = torch.float32) -> Placement:
+def placement(
+    accelerator: Accelerator, *, channels_last: bool, workers: int, dtype: torch.dtype = torch.float32
+) -> Placement:
     """Plain values for the data code: global rank for sharding, the local device for placement."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return Placement(

@@ -14,8 +14,17 @@ import torch
 def git_commit() -> str | None:
     """The commit of the checkout this package runs from; None outside a git checkout (an installed wheel)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -26,8 +35,11 @@ def environment(world_size: int, num_nodes: int, device: torch.device) -> dict[s
     import timm
     import torchvision
 
-    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device.type == "cuda"
-               else [platform.processor() or platform.machine()])
+    devices = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if device.type == "cuda"
+        else [platform.processor() or platform.machine()]
+    )
     return {
         "git_commit": git_commit(),
         "python": platform.python_version(),

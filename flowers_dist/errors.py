@@ -42,7 +42,7 @@ class DiskError(RuntimeError):
 
 # Exit codes of `flowers-dist` (documented in the README; launch/slurm.sbatch requeues on EXIT_PREEMPTED).
 EXIT_OK = 0
-EXIT_USER_ERROR = 2       # one-line error: config, data, weights, unreadable checkpoint, run folder in use
-EXIT_HUNG = 69            # EX_UNAVAILABLE: a peer rank stopped answering (watchdog or collective timeout)
-EXIT_DISK = 74            # EX_IOERR: a checkpoint or metrics write failed
-EXIT_PREEMPTED = 75       # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume (requeue) to continue
+EXIT_USER_ERROR = 2  # one-line error: config, data, weights, unreadable checkpoint, run folder in use
+EXIT_HUNG = 69  # EX_UNAVAILABLE: a peer rank stopped answering (watchdog or collective timeout)
+EXIT_DISK = 74  # EX_IOERR: a checkpoint or metrics write failed
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume (requeue) to continue

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +13,13 @@ from .data.contract import BatchLoader
 
 
 @torch.no_grad()
-def local_counts(model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device,
-                 on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+def local_counts(
+    model: nn.Module,
+    loader: BatchLoader,
+    num_classes: int,
+    device: torch.device,
+    on_batch: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """Summed loss, then the confusion matrix (row = true, column = predicted), for this process's shard.
 
     `on_batch` is called after each batch (the training loop's watchdog heartbeat).
@@ -52,7 +57,7 @@ class EvalResult:
         return [row[i] / sum(row) if sum(row) else 0.0 for i, row in enumerate(self.confusion)]
 
     @classmethod
-    def from_counts(cls, counts: torch.Tensor, num_classes: int) -> "EvalResult":
+    def from_counts(cls, counts: torch.Tensor, num_classes: int) -> EvalResult:
         counts = counts.double().cpu()
         confusion = counts[1:].round().long().view(num_classes, num_classes)
         count = int(confusion.sum())
@@ -76,7 +81,11 @@ class EvalResult:
 
     def format(self, classes: list[str]) -> str:
         width = max(10, *(len(c) for c in classes))
-        lines = [f"accuracy {self.accuracy:.4f} ({self.correct}/{self.count}), loss {self.loss:.4f}", "", "per-class accuracy:"]
+        lines = [
+            f"accuracy {self.accuracy:.4f} ({self.correct}/{self.count}), loss {self.loss:.4f}",
+            "",
+            "per-class accuracy:",
+        ]
         for name, acc, row in zip(classes, self.per_class_accuracy(), self.confusion):
             lines.append(f"  {name:<{width}} {acc:.4f}  ({row[classes.index(name)]}/{sum(row)})")
         lines += ["", "confusion matrix (rows = true class, columns = predicted):"]

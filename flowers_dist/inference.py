@@ -30,8 +30,15 @@ def load_trained(path: str | Path, device: torch.device):
     return model.to(device).eval(), cfg, list(state["classes"])
 
 
-def run_eval(checkpoint_path: str | Path, data_dir: str | Path, batch_size: int, workers: int, device: str, json_path: str | None,
-             loader: str = "auto") -> EvalResult:
+def run_eval(
+    checkpoint_path: str | Path,
+    data_dir: str | Path,
+    batch_size: int,
+    workers: int,
+    device: str,
+    json_path: str | None,
+    loader: str = "auto",
+) -> EvalResult:
     """Every process counts its shard; counts are summed once, so each image counts exactly once.
 
     Files that do not decode are left out (and named) by the data check, whichever the loader.
@@ -46,15 +53,24 @@ def run_eval(checkpoint_path: str | Path, data_dir: str | Path, batch_size: int,
         for path, kind, detail in skipped.files:
             print(f"  {path}: {kind}: {detail}")
     place = placement(accelerator, channels_last=cfg.model.channels_last, workers=workers)
-    loader = build_loader(cfg.data, split, train=False, batch_per_rank=batch_size, placement=place, seed=0)
+    loader = build_loader(cfg.data, split, train=False, batch_size=batch_size, placement=place, seed=0)
     counts = local_counts(model, loader, len(classes), accelerator.device)
     result = EvalResult.from_counts(accelerator.reduce(counts, reduction="sum"), len(classes))
     if accelerator.is_main_process:
         print(f"{checkpoint_path} on {split.root} ({accelerator.num_processes} process(es))")
         print(result.format(classes))
         if json_path:
-            Path(json_path).write_text(json.dumps({**result.to_dict(classes), "world_size": accelerator.num_processes,
-                                                   "skipped": skipped.record()["skipped_files"]}, indent=1) + "\n")
+            Path(json_path).write_text(
+                json.dumps(
+                    {
+                        **result.to_dict(classes),
+                        "world_size": accelerator.num_processes,
+                        "skipped": skipped.record()["skipped_files"],
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
     return result
 
 
@@ -78,7 +94,9 @@ def predict(checkpoint_path: str | Path, inputs: list[str], topk: int, batch_siz
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, classes = load_trained(checkpoint_path, device)
     transform = eval_transform(cfg.data)
-    normalize = DeviceNormalizer(cfg.data.mean, cfg.data.std, Placement(0, 1, device, channels_last=cfg.model.channels_last))
+    normalize = DeviceNormalizer(
+        cfg.data.mean, cfg.data.std, Placement(0, 1, device, channels_last=cfg.model.channels_last)
+    )
     k = min(topk, len(classes))
     results = []
     paths = image_paths(inputs)

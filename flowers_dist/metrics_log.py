@@ -18,6 +18,7 @@ from .errors import DiskError, MetricsError
 
 FILE_NAME = "metrics.jsonl"
 
+
 def path_of(run_dir: Path) -> Path:
     return Path(run_dir) / FILE_NAME
 

@@ -25,7 +25,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         except RuntimeError as exc:  # timm's "Unknown model" error
             raise WeightsError(f"model.name '{cfg.name}': {exc}") from None
         except TypeError as exc:  # a model class without the init option
-            raise ConfigError(f"config key 'model.zero_init_last': model '{cfg.name}' does not take it ({exc})") from None
+            raise ConfigError(
+                f"config key 'model.zero_init_last': model '{cfg.name}' does not take it ({exc})"
+            ) from None
         if source.lower() != "none":
             load_backbone(model, source)
     if cfg.channels_last:
@@ -113,7 +115,9 @@ def load_backbone(model: nn.Module, path: str | Path) -> None:
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     if mismatched:
         k = mismatched[0]
-        raise WeightsError(f"{path}: '{k}' has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)} (is model.name right?)")
+        raise WeightsError(
+            f"{path}: '{k}' has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)} (is model.name right?)"
+        )
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in head_keys]
     if missing or result.unexpected_keys:

@@ -8,8 +8,8 @@ placement and precision as the run has them) and the loaders. `train` adds what 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -27,8 +27,14 @@ from .steps import build_optimizer, evaluation_model
 def run_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     """The Accelerator of a run: device, precision, compile, the collective timeout and cuDNN's search as configured."""
     t = cfg.train
-    return make_accelerator(t.device, t.mixed_precision, log_with=log_with, compile_model=cfg.model.compile,
-                            collective_timeout=t.collective_timeout, cudnn_benchmark=t.cudnn_benchmark)
+    return make_accelerator(
+        t.device,
+        t.mixed_precision,
+        log_with=log_with,
+        compile_model=cfg.model.compile,
+        collective_timeout=t.collective_timeout,
+        cudnn_benchmark=t.cudnn_benchmark,
+    )
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,10 @@ def checked_data(cfg: Config, accelerator: Accelerator) -> CheckedData:
     """One process checks the files (cached by path, size and mtime); the others get its verdict."""
     train, val, skipped = shared(lambda: usable_splits(cfg.data), accelerator.is_main_process, broadcast_object_list)
     if len(train) < cfg.train.global_batch_size:
-        raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} is more than the "
-                          f"{len(train)} training images")
+        raise ConfigError(
+            f"config key 'train.global_batch_size': {cfg.train.global_batch_size} is more than the "
+            f"{len(train)} training images"
+        )
     return CheckedData(train, val, skipped)
 
 
@@ -88,12 +96,20 @@ class Parts:
 
     def choices(self) -> dict:
         """What the config's automatic choices became (environment.json, the W&B config, bench's JSON)."""
-        return {"loader": self.train_loader.kind, "micro_batch_size": self.layout.micro_batch,
-                "grad_accum_steps": self.layout.accum, "sync_bn": self.sync_bn}
+        return {
+            "loader": self.train_loader.kind,
+            "micro_batch_size": self.layout.micro_batch,
+            "grad_accum_steps": self.layout.accum,
+            "sync_bn": self.sync_bn,
+        }
 
 
-def build_parts(cfg: Config, accelerator: Accelerator, data: CheckedData,
-                load: Callable[[torch.nn.Module, torch.optim.Optimizer], str | None] | None = None) -> Parts:
+def build_parts(
+    cfg: Config,
+    accelerator: Accelerator,
+    data: CheckedData,
+    load: Callable[[torch.nn.Module, torch.optim.Optimizer], str | None] | None = None,
+) -> Parts:
     """Model, optimizer and loaders as the config asks, in the order they must be made.
 
     `load(model, optimizer)` runs before `prepare` (a checkpoint fits the bare model) and returns
@@ -110,22 +126,35 @@ def build_parts(cfg: Config, accelerator: Accelerator, data: CheckedData,
     optimizer = build_optimizer(cfg.optim, model, fused=accelerator.device.type == "cuda")
     loader_state = load(model, optimizer) if load is not None else None
     model, optimizer = accelerator.prepare(model, optimizer)
-    eval_model = evaluation_model(model, accelerator.unwrap_model(model, keep_torch_compile=False),
-                                  accelerator.state.dynamo_plugin.to_kwargs())
+    eval_model = evaluation_model(
+        model, accelerator.unwrap_model(model, keep_torch_compile=False), accelerator.state.dynamo_plugin.to_kwargs()
+    )
     train_loader, val_loader = build_loaders(cfg, accelerator, data, layout, loader_state)
     return Parts(layout, model, optimizer, eval_model, train_loader, val_loader, use_sync_bn, why)
 
 
-def build_loaders(cfg: Config, accelerator: Accelerator, data: CheckedData, layout: BatchLayout,
-                  resume_state: str | None = None) -> tuple[BatchLoader, BatchLoader]:
+def build_loaders(
+    cfg: Config, accelerator: Accelerator, data: CheckedData, layout: BatchLayout, resume_state: str | None = None
+) -> tuple[BatchLoader, BatchLoader]:
     place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
     micro_batches = layout.steps_per_epoch * layout.accum
-    train_loader = build_loader(cfg.data, data.train, train=True, batch_per_rank=layout.micro_batch, placement=place,
-                                seed=cfg.train.seed, max_steps=micro_batches, resume_state=resume_state,
-                                accum=layout.accum)
+    train_loader = build_loader(
+        cfg.data,
+        data.train,
+        train=True,
+        batch_size=layout.micro_batch,
+        placement=place,
+        seed=cfg.train.seed,
+        max_steps=micro_batches,
+        resume_state=resume_state,
+        accum=layout.accum,
+    )
     if len(train_loader) != micro_batches:  # the loaders' contract with the loop; a bug if it breaks
-        raise RuntimeError(f"the loader yields {len(train_loader)} micro-batches an epoch, not "
-                           f"{layout.steps_per_epoch} x {layout.accum}")
-    val_loader = build_loader(cfg.data, data.val, train=False, batch_per_rank=cfg.train.eval_batch_size,
-                              placement=place, seed=cfg.train.seed)
+        raise RuntimeError(
+            f"the loader yields {len(train_loader)} micro-batches an epoch, not "
+            f"{layout.steps_per_epoch} x {layout.accum}"
+        )
+    val_loader = build_loader(
+        cfg.data, data.val, train=False, batch_size=cfg.train.eval_batch_size, placement=place, seed=cfg.train.seed
+    )
     return train_loader, val_loader

@@ -26,7 +26,7 @@ class StopSignals:
         self.at: float | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         for sig in STOP_SIGNALS:
             # Replaces SIG_IGN too: launch scripts make launchers ignore SIGUSR1 (their default action would
             # kill them), and the training processes inherit that disposition.

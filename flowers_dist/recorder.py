@@ -28,9 +28,19 @@ class Recorder:
     W&B sink and closes the trackers in `finish`, on every rank.
     """
 
-    def __init__(self, run_dir: Path, is_main: bool, progress: str, accelerator=None,
-                 tracking_cfg: TrackingConfig | None = None, wandb_mode: str = "disabled", *,
-                 sinks: Sequence[Sink] | None = None, console: Console | None = None, clock: RunClock | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        is_main: bool,
+        progress: str,
+        accelerator=None,
+        tracking_cfg: TrackingConfig | None = None,
+        wandb_mode: str = "disabled",
+        *,
+        sinks: Sequence[Sink] | None = None,
+        console: Console | None = None,
+        clock: RunClock | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.console = console or Console(is_main, progress)
@@ -63,8 +73,17 @@ class Recorder:
     def metrics_path(self) -> Path:
         return metrics_log.path_of(self.run_dir)
 
-    def start(self, cfg: Config, classes: Iterable[str], env: dict[str, Any], start_epoch: int, resumed: bool,
-              start_step: int = 0, global_step: int = 0, resume_note: dict[str, Any] | None = None) -> None:
+    def start(
+        self,
+        cfg: Config,
+        classes: Iterable[str],
+        env: dict[str, Any],
+        start_epoch: int,
+        resumed: bool,
+        start_step: int = 0,
+        global_step: int = 0,
+        resume_note: dict[str, Any] | None = None,
+    ) -> None:
         """start_step: the step in start_epoch to continue from; global_step: optimizer steps already taken;
         resume_note: the resume's overrides, changed keys and --force."""
         if not self.is_main:
@@ -74,8 +93,9 @@ class Recorder:
         self.repair_metrics()
         if resumed:  # config.yaml keeps what the run was started with; each resume adds a line beside it
             note = resume_note or {"overrides": [], "changed": {}, "forced": False}
-            resume_check.record(self.run_dir, note["overrides"], note["changed"], note["forced"], start_epoch,
-                                env["world_size"])
+            resume_check.record(
+                self.run_dir, note["overrides"], note["changed"], note["forced"], start_epoch, env["world_size"]
+            )
             self._tracker_offset = tracking.step_offset(metrics_log.read(self.metrics_path), global_step)
         else:
             dump(cfg, self.run_dir / "config.yaml")
@@ -85,8 +105,15 @@ class Recorder:
             sink.start(cfg, classes, env)
         # A killed run can have logged an epoch whose checkpoint never landed; it is trained again
         # after a resume, and readers keep the last record of each epoch (metrics_log.latest_per).
-        self.log({"event": "resume" if resumed else "start", "from_epoch": start_epoch, "from_step": start_step,
-                  "world_size": env["world_size"], "devices": env["devices"]})
+        self.log(
+            {
+                "event": "resume" if resumed else "start",
+                "from_epoch": start_epoch,
+                "from_step": start_step,
+                "world_size": env["world_size"],
+                "devices": env["devices"],
+            }
+        )
 
     # -- records ----------------------------------------------------------------------------
     def log_step(self, record: dict[str, Any]) -> None:
@@ -139,7 +166,9 @@ class Recorder:
             return
         dropped = metrics_log.repair(self.metrics_path)
         if dropped:
-            self.print(f"warning: {self.metrics_path}: dropped a torn last line ({dropped} bytes) left by an interrupted write")
+            self.print(
+                f"warning: {self.metrics_path}: dropped a torn last line ({dropped} bytes) left by an interrupted write"
+            )
 
     # -- console ----------------------------------------------------------------------------
     def print(self, message: str) -> None:

@@ -20,26 +20,40 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     ends = metrics_log.events(records, "end")
     classes_file = run_dir / "classes.json"
     classes = json.loads(classes_file.read_text()) if classes_file.is_file() else None
-    return {"epochs": metrics_log.latest_per(records, "epoch", "epoch"), "steps": metrics_log.latest_per(records, "step", "step"),
-            "end": ends[-1] if ends else None, "classes": classes,
-            "starts": [r for r in records if r.get("event") in ("start", "resume")]}
+    return {
+        "epochs": metrics_log.latest_per(records, "epoch", "epoch"),
+        "steps": metrics_log.latest_per(records, "step", "step"),
+        "end": ends[-1] if ends else None,
+        "classes": classes,
+        "starts": [r for r in records if r.get("event") in ("start", "resume")],
+    }
 
 
 def summary_text(run_dir: Path, m: dict[str, Any], target: float | None) -> str:
     epochs, end = m["epochs"], m["end"]
-    lines = [f"run {run_dir}", f"status: {'finished' if end else 'unfinished (no end record: killed or still running)'}",
-             f"epochs recorded: {len(epochs)}, step rows: {len(m['steps'])}, (re)starts: {len(m['starts'])}"]
+    lines = [
+        f"run {run_dir}",
+        f"status: {'finished' if end else 'unfinished (no end record: killed or still running)'}",
+        f"epochs recorded: {len(epochs)}, step rows: {len(m['steps'])}, (re)starts: {len(m['starts'])}",
+    ]
     if epochs:
         best = max(epochs, key=lambda r: (r["val_acc"], -r["epoch"]))
         last = epochs[-1]
-        lines.append(f"best val accuracy: {best['val_acc']:.4f} at epoch {best['epoch'] + 1} (val loss {best['val_loss']:.4f})")
-        lines.append(f"last epoch {last['epoch'] + 1}: train loss {last['train_loss']:.4f} acc {last['train_acc']:.4f}, "
-                     f"val loss {last['val_loss']:.4f} acc {last['val_acc']:.4f}")
+        lines.append(
+            f"best val accuracy: {best['val_acc']:.4f} at epoch {best['epoch'] + 1} (val loss {best['val_loss']:.4f})"
+        )
+        lines.append(
+            f"last epoch {last['epoch'] + 1}: train loss {last['train_loss']:.4f} acc {last['train_acc']:.4f}, "
+            f"val loss {last['val_loss']:.4f} acc {last['val_acc']:.4f}"
+        )
         mean_ips = sum(r["images_per_s"] for r in epochs) / len(epochs)
         lines.append(f"training throughput: {mean_ips:.1f} images/s (mean over epochs)")
         if target is not None:
             hit = next((r for r in epochs if r["val_acc"] >= target), None)
-            lines.append(f"time to {target:.2%} val accuracy: " + (f"{hit['elapsed']:.1f} s (epoch {hit['epoch'] + 1})" if hit else "not reached"))
+            lines.append(
+                f"time to {target:.2%} val accuracy: "
+                + (f"{hit['elapsed']:.1f} s (epoch {hit['epoch'] + 1})" if hit else "not reached")
+            )
     if m["steps"]:
         waits = [r["data_wait_fraction"] for r in m["steps"]]
         lines.append(f"data wait: {sum(waits) / len(waits):.1%} of step time (mean over step rows)")
@@ -84,7 +98,9 @@ def write_report(run_dir: Path) -> tuple[list[Path], str]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if steps:
-        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], alpha=0.5, label="train loss (log interval, rank 0)")
+        ax.plot(
+            [r["step"] for r in steps], [r["loss"] for r in steps], alpha=0.5, label="train loss (log interval, rank 0)"
+        )
     ax.plot([epoch_x(r) for r in epochs], [r["train_loss"] for r in epochs], "o-", label="train loss (epoch)")
     ax.plot([epoch_x(r) for r in epochs], [r["val_loss"] for r in epochs], "s-", label="val loss")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy", title="loss")
@@ -114,7 +130,9 @@ def write_report(run_dir: Path) -> tuple[list[Path], str]:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     if steps:
-        top.plot([r["elapsed"] for r in steps], [r["images_per_s"] for r in steps], ".-", alpha=0.7, label="log interval")
+        top.plot(
+            [r["elapsed"] for r in steps], [r["images_per_s"] for r in steps], ".-", alpha=0.7, label="log interval"
+        )
         bottom.plot([r["elapsed"] for r in steps], [r["data_wait_fraction"] for r in steps], ".-")
     top.plot([r["elapsed"] for r in epochs], [r["images_per_s"] for r in epochs], "o", label="epoch (training part)")
     top.set(ylabel="images/s (all processes)", title="throughput")
@@ -138,7 +156,11 @@ def write_report(run_dir: Path) -> tuple[list[Path], str]:
                 ax.text(j, i, str(n), ha="center", va="center", color="white" if n > peak / 2 else "black")
         ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
         ax.set_yticks(range(len(classes)), classes)
-        ax.set(xlabel="predicted", ylabel="true", title=f"val confusion, best epoch {best['epoch'] + 1} (acc {best['val_acc']:.3f})")
+        ax.set(
+            xlabel="predicted",
+            ylabel="true",
+            title=f"val confusion, best epoch {best['epoch'] + 1} (acc {best['val_acc']:.3f})",
+        )
         save(fig, "confusion.png")
 
     text = summary_text(run_dir, m, target)

@@ -24,11 +24,30 @@ from .errors import ConfigError
 # function, computed another way), the initial weights (the checkpoint's replace them), and when
 # checkpoints are written and failures detected.
 HARMLESS = {
-    "data.root", "data.num_workers", "data.hw_decoder_load", "model.compile", "model.channels_last", "model.pretrained",
-    "train.eval_batch_size", "train.log_every", "train.output_dir", "train.name", "train.progress", "train.resume",
-    "train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.keep_checkpoints", "train.stop_check_every",
-    "train.collective_timeout", "train.watchdog",
-    "tracking.wandb", "tracking.project", "tracking.entity", "tracking.tags", "tracking.group", "tracking.target_accuracy",
+    "data.root",
+    "data.num_workers",
+    "data.hw_decoder_load",
+    "model.compile",
+    "model.channels_last",
+    "model.pretrained",
+    "train.eval_batch_size",
+    "train.log_every",
+    "train.output_dir",
+    "train.name",
+    "train.progress",
+    "train.resume",
+    "train.checkpoint_every_steps",
+    "train.checkpoint_every_minutes",
+    "train.keep_checkpoints",
+    "train.stop_check_every",
+    "train.collective_timeout",
+    "train.watchdog",
+    "tracking.wandb",
+    "tracking.project",
+    "tracking.entity",
+    "tracking.tags",
+    "tracking.group",
+    "tracking.target_accuracy",
 }
 
 
@@ -62,8 +81,10 @@ def check(saved: dict[str, Any], new: dict[str, Any], force: bool) -> dict[str, 
     if not force:
         for key, (old, now) in found.items():
             if changes_result(key, saved):
-                raise ConfigError(f"config key '{key}' changes what the resumed run computes ({old!r} -> {now!r}); "
-                                  "start a new run, or pass --force to resume with it anyway")
+                raise ConfigError(
+                    f"config key '{key}' changes what the resumed run computes ({old!r} -> {now!r}); "
+                    "start a new run, or pass --force to resume with it anyway"
+                )
     return found
 
 
@@ -75,10 +96,22 @@ def previous_overrides(run_dir: Path) -> list[str]:
     return [item for line in path.read_text().splitlines() if line.strip() for item in json.loads(line)["overrides"]]
 
 
-def record(run_dir: Path, overrides: list[str], found: dict[str, tuple[Any, Any]], forced: bool, from_epoch: int,
-           world_size: int) -> None:
+def record(
+    run_dir: Path,
+    overrides: list[str],
+    found: dict[str, tuple[Any, Any]],
+    forced: bool,
+    from_epoch: int,
+    world_size: int,
+) -> None:
     """Append this resume (overrides as given, changed keys, whether forced) to run_dir/resumes.jsonl."""
-    line = {"time": round(time.time(), 3), "from_epoch": from_epoch, "world_size": world_size, "overrides": list(overrides),
-            "changed": {key: list(pair) for key, pair in found.items()}, "forced": forced}
+    line = {
+        "time": round(time.time(), 3),
+        "from_epoch": from_epoch,
+        "world_size": world_size,
+        "overrides": list(overrides),
+        "changed": {key: list(pair) for key, pair in found.items()},
+        "forced": forced,
+    }
     with open(run_dir / "resumes.jsonl", "a") as fh:
         fh.write(json.dumps(line) + "\n")

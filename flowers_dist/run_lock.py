@@ -51,8 +51,13 @@ class RunLock:
         self.held = False
 
     def _record(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _start_time(os.getpid()),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _start_time(os.getpid()),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
 
     def holder(self) -> dict | None:
         """The current lock record, or None when there is no lock."""
@@ -88,7 +93,8 @@ class RunLock:
                     raise ConfigError(
                         f"run folder {self.path.parent} is in use by pid {record.get('pid')} on {record.get('host')} "
                         f"(since {record.get('since')}); wait for it, or choose another train.name "
-                        f"(if that run is dead, delete {self.path})")
+                        f"(if that run is dead, delete {self.path})"
+                    ) from None
                 note = f"replaced the stale lock of pid {record.get('pid')} on {record.get('host')}"
                 # Only one of several contenders wins the O_EXCL create after this unlink.
                 try:
@@ -101,7 +107,9 @@ class RunLock:
                 fh.write(json.dumps(self._record()) + "\n")
             self.held = True
             return note
-        raise ConfigError(f"run folder {self.path.parent}: could not take its lock {self.path} (another run is starting there)")
+        raise ConfigError(
+            f"run folder {self.path.parent}: could not take its lock {self.path} (another run is starting there)"
+        )
 
     def heartbeat(self) -> None:
         """Touch the lock so that a run on another host can tell a live holder from a dead one."""

@@ -30,8 +30,9 @@ def warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
     return cfg.warmup_steps or cfg.warmup_epochs * steps_per_epoch
 
 
-def lr_at_step(cfg: OptimConfig, epoch: int, step: int, steps_per_epoch: int, *, total_epochs: int,
-               global_batch_size: int) -> float:
+def lr_at_step(
+    cfg: OptimConfig, epoch: int, step: int, steps_per_epoch: int, *, total_epochs: int, global_batch_size: int
+) -> float:
     """Learning rate of optimizer step `step` (0-based) of `epoch` (0-based), with `steps_per_epoch` steps an epoch.
 
     The decay is the epoch's (step: StepLR every optim.step_size epochs; cosine: continuous over
@@ -60,5 +61,6 @@ def lr_at(cfg: OptimConfig, epoch: int, total_epochs: int, global_batch_size: in
         raise ValueError("optim.lr_scaling needs the global batch size")
     if cfg.warmup_steps:
         raise ValueError("optim.warmup_steps needs a per-step schedule (lr_at_step)")
-    return lr_at_step(cfg, epoch, 0, 1, total_epochs=total_epochs,
-                      global_batch_size=global_batch_size or cfg.reference_batch_size)
+    return lr_at_step(
+        cfg, epoch, 0, 1, total_epochs=total_epochs, global_batch_size=global_batch_size or cfg.reference_batch_size
+    )

@@ -102,28 +102,40 @@ class WandbSink:
 
     def start(self, cfg: Config, classes: list[str], env: dict[str, Any]) -> None:
         self._classes = list(classes)
-        self._accelerator.init_trackers(self._cfg.project, config=tracking.run_config(cfg, env, self._classes),
-                                        init_kwargs=tracking.init_kwargs(self._cfg, self._mode, self._run_dir))
+        self._accelerator.init_trackers(
+            self._cfg.project,
+            config=tracking.run_config(cfg, env, self._classes),
+            init_kwargs=tracking.init_kwargs(self._cfg, self._mode, self._run_dir),
+        )
         if self._mode == "offline":
-            self._say(f"W&B is offline (no credentials, or asked for); upload later with: wandb sync {Path(self._run().dir).parent}")
+            self._say(
+                f"W&B is offline (no credentials, or asked for); upload later with: wandb sync {Path(self._run().dir).parent}"
+            )
 
     def log_step(self, record: Record) -> None:
         self._accelerator.log(tracking.step_values(record), step=record.get("wandb_step", record["step"]))
 
     def log_epoch(self, record: Record) -> None:
-        self._accelerator.log(tracking.epoch_values(record, self._classes), step=record.get("wandb_step", record["step"]))
+        self._accelerator.log(
+            tracking.epoch_values(record, self._classes), step=record.get("wandb_step", record["step"])
+        )
 
     def log_data_check(self, record: Record) -> None:
-        self._run().summary.update({"data/skipped": record["skipped"],
-                                    **{f"data/skipped_{kind}": n for kind, n in record["skipped_by_kind"].items()}})
+        self._run().summary.update(
+            {
+                "data/skipped": record["skipped"],
+                **{f"data/skipped_{kind}": n for kind, n in record["skipped_by_kind"].items()},
+            }
+        )
 
     def log_event(self, record: Record) -> None:
         pass  # start, resume and stopped rows have no W&B chart; W&B keeps its own run start and end
 
     def finish(self, record: Record | None) -> None:
         if record is not None:
-            self._run().summary.update({f"run/{k}": v for k, v in record.items()
-                                        if k not in ("event", "weights_digest_per_rank")})
+            self._run().summary.update(
+                {f"run/{k}": v for k, v in record.items() if k not in ("event", "weights_digest_per_rank")}
+            )
 
 
 class SinkKind(Protocol):

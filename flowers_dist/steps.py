@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,14 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, fused: bool = Fals
     optimizer's step, but hands it, on the device, to an optimizer that sets
     _step_supports_amp_scaling (fused SGD does), whose kernel skips the update itself.
     """
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                nesterov=cfg.nesterov, fused=fused or None)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov,
+        fused=fused or None,
+    )
 
     def keep_fused(opt: torch.optim.Optimizer) -> None:
         # load_state_dict restores each group's saved `fused`: a checkpoint from a CPU (unfused)
@@ -60,8 +66,9 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="sum") / max(labels.numel(), 1)
 
 
-def micro_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, backward, accum: int,
-               syncs: bool, no_sync) -> tuple[torch.Tensor, torch.Tensor]:
+def micro_step(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, backward, accum: int, syncs: bool, no_sync
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of one of the `accum` micro-batches of an optimizer step; gradients add up in .grad.
 
     The loss is divided by `accum`: the mean of the micro-batches' means is the global batch's mean
@@ -112,9 +119,20 @@ class LoaderClock:
         return batch
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], *, accum: int,
-                   lr: float, sums: torch.Tensor, backward, no_sync, clock: LoaderClock,
-                   beat: Callable[[], None] = lambda: None, sync_gradients: bool = True) -> None:
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Batch],
+    *,
+    accum: int,
+    lr: float,
+    sums: torch.Tensor,
+    backward,
+    no_sync,
+    clock: LoaderClock,
+    beat: Callable[[], None] = lambda: None,
+    sync_gradients: bool = True,
+) -> None:
     """One optimizer step of the run: `accum` micro-batches from `batches`, the learning rate `lr`, the update.
 
     `sums` (LOSS_SUM, CORRECT, COUNT) gains each micro-batch's step_counts. sync_gradients=False runs
@@ -133,16 +151,30 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     optimizer.zero_grad(set_to_none=True)  # host-only (set_to_none)
 
 
-def one_batch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                   backward=torch.Tensor.backward) -> torch.Tensor:
+def one_batch_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    backward=torch.Tensor.backward,
+) -> torch.Tensor:
     """optimizer_step on one given batch at the optimizer's learning rate, without a loader; returns its step_counts.
 
     For what times or checks the step alone: `bench step`, the GPU check's sync test, the sync_bn
     benchmark. `backward` is Accelerate's under DDP or mixed precision.
     """
     sums = torch.zeros(3, dtype=torch.float64, device=images.device)
-    optimizer_step(model, optimizer, iter([(images, labels)]), accum=1, lr=optimizer.param_groups[0]["lr"], sums=sums,
-                   backward=backward, no_sync=None, clock=LoaderClock(images.device))
+    optimizer_step(
+        model,
+        optimizer,
+        iter([(images, labels)]),
+        accum=1,
+        lr=optimizer.param_groups[0]["lr"],
+        sums=sums,
+        backward=backward,
+        no_sync=None,
+        clock=LoaderClock(images.device),
+    )
     return sums
 
 

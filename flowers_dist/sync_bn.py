@@ -27,7 +27,7 @@ AUTO_BELOW = 16
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def wanted(mode: str, batch_per_process: int, world_size: int) -> tuple[bool, str]:
+def wanted(mode: str, micro_batch: int, world_size: int) -> tuple[bool, str]:
     """Whether model.sync_bn=`mode` synchronises BatchNorm at this per-process batch and world size, and why (for the log)."""
     if world_size == 1:
         return False, "one process: its batch is the global batch"
@@ -35,9 +35,9 @@ def wanted(mode: str, batch_per_process: int, world_size: int) -> tuple[bool, st
         return True, "model.sync_bn=on"
     if mode == "off":
         return False, "model.sync_bn=off"
-    if batch_per_process < AUTO_BELOW:
-        return True, f"model.sync_bn=auto: {batch_per_process} images per process < {AUTO_BELOW}"
-    return False, f"model.sync_bn=auto: {batch_per_process} images per process >= {AUTO_BELOW}"
+    if micro_batch < AUTO_BELOW:
+        return True, f"model.sync_bn=auto: {micro_batch} images per process < {AUTO_BELOW}"
+    return False, f"model.sync_bn=auto: {micro_batch} images per process >= {AUTO_BELOW}"
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -61,7 +61,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = total[:channels] / count
         # E[x^2] - mean^2 loses digits when |mean| >> std; for activations (|mean| a few std at most)
         # that is a relative error of a few float32 epsilons. Clamped: rounding can make it negative.
-        var = (total[channels:2 * channels] / count - mean * mean).clamp_min(0)
+        var = (total[channels : 2 * channels] / count - mean * mean).clamp_min(0)
         if self.track_running_stats and self.running_mean is not None:
             self._update_running_stats(mean.detach(), var.detach(), count.detach())
         # y = x * scale + shift with per-channel scale and shift: one fused pass over the activations
@@ -92,8 +92,15 @@ def convert(module: nn.Module) -> tuple[nn.Module, int]:
     are left alone: replacing them would silently drop what they add.
     """
     if type(module) in _PLAIN:
-        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                            device=_device_of(module), dtype=_dtype_of(module))
+        new = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=_device_of(module),
+            dtype=_dtype_of(module),
+        )
         with torch.no_grad():
             if module.affine:
                 new.weight = module.weight

@@ -26,8 +26,14 @@ def has_credentials() -> bool:
 
 
 # The values W&B's settings accept for WANDB_MODE, and the mode each means here.
-_WANDB_MODES = {"online": "online", "run": "online", "shared": "online", "offline": "offline", "dryrun": "offline",
-                "disabled": "disabled"}
+_WANDB_MODES = {
+    "online": "online",
+    "run": "online",
+    "shared": "online",
+    "offline": "offline",
+    "dryrun": "offline",
+    "disabled": "disabled",
+}
 
 
 def resolve_mode(cfg: TrackingConfig) -> str:
@@ -38,7 +44,9 @@ def resolve_mode(cfg: TrackingConfig) -> str:
     """
     env = os.environ.get("WANDB_MODE")
     if env is not None and env not in _WANDB_MODES and cfg.wandb != "disabled":
-        raise ConfigError(f"WANDB_MODE={env!r} is not a W&B mode: unset it, or set it to one of {', '.join(_WANDB_MODES)}")
+        raise ConfigError(
+            f"WANDB_MODE={env!r} is not a W&B mode: unset it, or set it to one of {', '.join(_WANDB_MODES)}"
+        )
     if cfg.wandb != "auto":
         return cfg.wandb
     if env is not None:
@@ -57,8 +65,14 @@ def run_id(run_dir: Path) -> str:
 
 
 def init_kwargs(cfg: TrackingConfig, mode: str, run_dir: Path) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name, "tags": list(cfg.tags),
-                              "id": run_id(run_dir), "resume": "allow"}
+    kwargs: dict[str, Any] = {
+        "mode": mode,
+        "dir": str(run_dir),
+        "name": run_dir.name,
+        "tags": list(cfg.tags),
+        "id": run_id(run_dir),
+        "resume": "allow",
+    }
     if cfg.group:
         kwargs["group"] = cfg.group
     if cfg.entity:
@@ -116,6 +130,7 @@ def epoch_values(record: dict[str, Any], classes: list[str]) -> dict[str, Any]:
             y_true += [i] * n
             preds += [j] * n
     if y_true:
-        values["val/confusion"] = wandb.plot.confusion_matrix(y_true=y_true, preds=preds, class_names=classes,
-                                                              title=f"val confusion, epoch {record['epoch']}")
+        values["val/confusion"] = wandb.plot.confusion_matrix(
+            y_true=y_true, preds=preds, class_names=classes, title=f"val confusion, epoch {record['epoch']}"
+        )
     return values

@@ -34,13 +34,14 @@ from .parts import CheckedData, Parts, build_parts, checked_data, run_accelerato
 from .preemption import StopSignals
 from .recorder import Recorder
 from .schedule import lr_at_step
-from .steps import COUNT, CORRECT, LOSS_SUM, THIS_ATTEMPT, LoaderClock, optimizer_step, sync, weights_digest
+from .steps import CORRECT, COUNT, LOSS_SUM, THIS_ATTEMPT, LoaderClock, optimizer_step, sync, weights_digest
 from .tracking import resolve_mode
 from .watchdog import Watchdog
 
 
-def train(cfg: Config, config_name: str = "run", resume: Path | None = None, overrides: list[str] = (),
-          force: bool = False) -> Path:
+def train(
+    cfg: Config, config_name: str = "run", resume: Path | None = None, overrides: list[str] = (), force: bool = False
+) -> Path:
     """Train (or resume) one run; returns its run folder. Every process calls this.
 
     A resume refuses config changes that change what the run computes unless `force`
@@ -57,8 +58,14 @@ def train(cfg: Config, config_name: str = "run", resume: Path | None = None, ove
 
 
 # -- set-up -------------------------------------------------------------------------------------
-def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSignals, overrides: list[str] = (),
-          force: bool = False) -> "Trainer":
+def setup(
+    cfg: Config,
+    config_name: str,
+    resume: Path | None,
+    signals: StopSignals,
+    overrides: list[str] = (),
+    force: bool = False,
+) -> Trainer:
     """The parts every entry point builds, plus what only a run has: its folder, its record and its resume."""
     wandb_mode = resolve_mode(cfg.tracking)
     accelerator = run_accelerator(cfg, log_with=None if wandb_mode == "disabled" else "wandb")
@@ -66,12 +73,15 @@ def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSigna
     ckpt, claim = claim_run_folder(accelerator, cfg, config_name, resume)
     progress, resume_changes = Progress(), {}
     try:
-        rec = Recorder(ckpt.run_dir, accelerator.is_main_process, cfg.train.progress, accelerator, cfg.tracking, wandb_mode)
+        rec = Recorder(
+            ckpt.run_dir, accelerator.is_main_process, cfg.train.progress, accelerator, cfg.tracking, wandb_mode
+        )
 
         def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
             nonlocal progress, resume_changes
-            progress, resume_changes = restore(cfg, Path(claim.resume_from), ckpt, data.classes, model, optimizer,
-                                               accelerator, force)
+            progress, resume_changes = restore(
+                cfg, Path(claim.resume_from), ckpt, data.classes, model, optimizer, accelerator, force
+            )
             rec.continue_clock(progress.elapsed)
             return progress.loader_state
 
@@ -81,34 +91,75 @@ def setup(cfg: Config, config_name: str, resume: Path | None, signals: StopSigna
         raise
     resume_note = {"overrides": overrides, "changed": resume_changes, "forced": force} if claim.resume_from else None
     _record_start(cfg, accelerator, data, parts, rec, ckpt, claim, progress.position, resume_note)
-    return Trainer(cfg=cfg, accelerator=accelerator, parts=parts, classes=data.classes, rec=rec, ckpt=ckpt,
-                   signals=signals, progress=progress)
+    return Trainer(
+        cfg=cfg,
+        accelerator=accelerator,
+        parts=parts,
+        classes=data.classes,
+        rec=rec,
+        ckpt=ckpt,
+        signals=signals,
+        progress=progress,
+    )
 
 
-def _record_start(cfg: Config, accelerator: Accelerator, data: CheckedData, parts: Parts, rec: Recorder,
-                  ckpt: CheckpointManager, claim: Claim, pos: Position, resume_note: dict | None) -> None:
+def _record_start(
+    cfg: Config,
+    accelerator: Accelerator,
+    data: CheckedData,
+    parts: Parts,
+    rec: Recorder,
+    ckpt: CheckpointManager,
+    claim: Claim,
+    pos: Position,
+    resume_note: dict | None,
+) -> None:
     """The run's start in its record (run files, the start event, the data check) and its one-line summary."""
     layout, world = parts.layout, accelerator.num_processes
     env = {**environment(world, num_nodes(accelerator), accelerator.device), **parts.choices()}
-    rec.start(cfg, data.classes, env, pos.epoch, resumed=claim.resume_from is not None, start_step=pos.step,
-              global_step=pos.epoch * layout.steps_per_epoch + pos.step, resume_note=resume_note)
+    rec.start(
+        cfg,
+        data.classes,
+        env,
+        pos.epoch,
+        resumed=claim.resume_from is not None,
+        start_step=pos.step,
+        global_step=pos.epoch * layout.steps_per_epoch + pos.step,
+        resume_note=resume_note,
+    )
     rec.log_data_check(data.skipped.record())
     rec.print(data.skipped.line())
     for note in claim.notes:
         rec.print(f"warning: {note}")
-    rec.print(f"run {ckpt.run_dir}: {len(data.train)} train / {len(data.val)} val images, {len(data.classes)} classes, "
-              f"{world} process(es) on {accelerator.device.type}, global batch {layout.global_batch} = "
-              f"{layout.micro_batch} x {world} process(es) x {layout.accum} accumulation step(s), "
-              f"{layout.steps_per_epoch} steps/epoch, precision {cfg.train.mixed_precision}, "
-              f"{parts.train_loader.kind} loader, sync_bn {'on' if parts.sync_bn else 'off'} ({parts.sync_bn_why})"
-              + (f", torch.compile ({accelerator.state.dynamo_plugin.backend.value.lower()})"
-                 if is_compiled_module(parts.model) else "")
-              + (f"; resumed from {Path(claim.resume_from).name} at epoch {pos.epoch + 1} step {pos.step}"
-                 if claim.resume_from else ""))
+    rec.print(
+        f"run {ckpt.run_dir}: {len(data.train)} train / {len(data.val)} val images, {len(data.classes)} classes, "
+        f"{world} process(es) on {accelerator.device.type}, global batch {layout.global_batch} = "
+        f"{layout.micro_batch} x {world} process(es) x {layout.accum} accumulation step(s), "
+        f"{layout.steps_per_epoch} steps/epoch, precision {cfg.train.mixed_precision}, "
+        f"{parts.train_loader.kind} loader, sync_bn {'on' if parts.sync_bn else 'off'} ({parts.sync_bn_why})"
+        + (
+            f", torch.compile ({accelerator.state.dynamo_plugin.backend.value.lower()})"
+            if is_compiled_module(parts.model)
+            else ""
+        )
+        + (
+            f"; resumed from {Path(claim.resume_from).name} at epoch {pos.epoch + 1} step {pos.step}"
+            if claim.resume_from
+            else ""
+        )
+    )
 
 
-def restore(cfg: Config, path: Path, ckpt: CheckpointManager, classes: list[str], model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, accelerator: Accelerator, force: bool) -> tuple[Progress, dict]:
+def restore(
+    cfg: Config,
+    path: Path,
+    ckpt: CheckpointManager,
+    classes: list[str],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    force: bool,
+) -> tuple[Progress, dict]:
     """Load a checkpoint into the (not yet prepared) model and optimizer.
 
     Returns where to continue and the config keys the resume changes; refuses other classes, a change that
@@ -116,25 +167,36 @@ def restore(cfg: Config, path: Path, ckpt: CheckpointManager, classes: list[str]
     """
     state = checkpoint_file.load(path)
     if state["classes"] != classes:
-        raise ConfigError(f"the classes in {cfg.data.root} differ from those the run was trained on ({state['classes']})")
+        raise ConfigError(
+            f"the classes in {cfg.data.root} differ from those the run was trained on ({state['classes']})"
+        )
     changes = resume_check.check(state["config"], cfg.to_dict(), force)
     try:
-        progress = ckpt.restore(state, model, optimizer, accelerator.process_index, accelerator.num_processes,
-                                scaler=accelerator.scaler)
+        progress = ckpt.restore(
+            state, model, optimizer, accelerator.process_index, accelerator.num_processes, scaler=accelerator.scaler
+        )
     except RuntimeError as exc:  # only with --force: a model or optimizer the checkpoint does not fit
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's: a title, then the misfits
-        raise errors.CheckpointError(f"{path} does not fit this config (model.name={cfg.model.name}): "
-                                     f"{(lines[1:] or lines or ['?'])[0][:200]}") from None
+        raise errors.CheckpointError(
+            f"{path} does not fit this config (model.name={cfg.model.name}): {(lines[1:] or lines or ['?'])[0][:200]}"
+        ) from None
     return progress, changes
 
 
-def claim_run_folder(accelerator: Accelerator, cfg: Config, config_name: str, resume: Path | None) -> tuple[CheckpointManager, Claim]:
+def claim_run_folder(
+    accelerator: Accelerator, cfg: Config, config_name: str, resume: Path | None
+) -> tuple[CheckpointManager, Claim]:
     """The main process claims the folder (lock, start or resume); every rank learns the outcome, errors included."""
     manager = None
     if accelerator.is_main_process:
         try:
-            claim, manager = CheckpointManager.claim(cfg.train.output_dir, cfg.train.name or default_run_name(config_name),
-                                                     cfg.train.resume, resume, cfg.train)
+            claim, manager = CheckpointManager.claim(
+                cfg.train.output_dir,
+                cfg.train.name or default_run_name(config_name),
+                cfg.train.resume,
+                resume,
+                cfg.train,
+            )
         except errors.USER_ERRORS as exc:
             claim = Claim("", error=(type(exc).__name__, str(exc)))
         box = [claim]
@@ -159,8 +221,18 @@ class _Stopped(Exception):
 class Trainer:
     """One run's phases, over the parts it receives once."""
 
-    def __init__(self, *, cfg: Config, accelerator: Accelerator, parts: Parts, classes: list[str], rec: Recorder,
-                 ckpt: CheckpointManager, signals: StopSignals, progress: Progress):
+    def __init__(
+        self,
+        *,
+        cfg: Config,
+        accelerator: Accelerator,
+        parts: Parts,
+        classes: list[str],
+        rec: Recorder,
+        ckpt: CheckpointManager,
+        signals: StopSignals,
+        progress: Progress,
+    ):
         self.cfg, self.accelerator, self.parts, self.classes = cfg, accelerator, parts, classes
         self.rec, self.ckpt, self.signals, self.progress = rec, ckpt, signals, progress
         self.layout = parts.layout
@@ -176,8 +248,14 @@ class Trainer:
 
     def lr(self, epoch: int, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based) of `epoch`."""
-        return lr_at_step(self.cfg.optim, epoch, step, self.layout.steps_per_epoch, total_epochs=self.cfg.train.epochs,
-                          global_batch_size=self.layout.global_batch)
+        return lr_at_step(
+            self.cfg.optim,
+            epoch,
+            step,
+            self.layout.steps_per_epoch,
+            total_epochs=self.cfg.train.epochs,
+            global_batch_size=self.layout.global_batch,
+        )
 
     def fit(self) -> None:
         """Every epoch from where the run stands; a stop the ranks agreed on ends it with EXIT_PREEMPTED."""
@@ -220,9 +298,18 @@ class Trainer:
         epoch_start = time.perf_counter()
         for step in range(skip + 1, steps + 1):  # 1-based optimizer step in the epoch
             lr = self.lr(epoch, step - 1)
-            optimizer_step(self.parts.model, self.parts.optimizer, batches, accum=accum, lr=lr, sums=sums,
-                           backward=self.accelerator.backward, no_sync=self.accelerator.no_sync, clock=clock,
-                           beat=self.dog.beat)
+            optimizer_step(
+                self.parts.model,
+                self.parts.optimizer,
+                batches,
+                accum=accum,
+                lr=lr,
+                sums=sums,
+                backward=self.accelerator.backward,
+                no_sync=self.accelerator.no_sync,
+                clock=clock,
+                beat=self.dog.beat,
+            )
             self.ckpt.check()  # a failed background write (full disk) is reported at once
             if step % cfg.log_every == 0 or step == steps:
                 window.log(step, lr, sums, clock, self.device)
@@ -241,13 +328,21 @@ class Trainer:
 
     def save(self, position: Position, sums: torch.Tensor, is_best: bool = False) -> None:
         """Every rank: gather the per-rank parts (a collective), then the main process writes in the background."""
-        rank_sums = gather_object([sums[:COUNT + 1].tolist()])
+        rank_sums = gather_object([sums[: COUNT + 1].tolist()])
         loader_states = gather_object([self.parts.train_loader.resume_state()])
         self.progress.elapsed = time.perf_counter() - self.rec.started
         progress = Progress(position, self.progress.best, self.progress.elapsed)
-        state = self.ckpt.state(model=self.bare, optimizer=self.parts.optimizer, progress=progress, rank_sums=rank_sums,
-                                loader_states=loader_states, world=self.accelerator.num_processes,
-                                config=self.cfg.to_dict(), classes=self.classes, scaler=self.accelerator.scaler)
+        state = self.ckpt.state(
+            model=self.bare,
+            optimizer=self.parts.optimizer,
+            progress=progress,
+            rank_sums=rank_sums,
+            loader_states=loader_states,
+            world=self.accelerator.num_processes,
+            config=self.cfg.to_dict(),
+            classes=self.classes,
+            scaler=self.accelerator.scaler,
+        )
         self.ckpt.save(state, position.epoch * self.layout.steps_per_epoch + position.step, is_best)
 
     def stop(self, stop: _Stopped) -> None:
@@ -259,13 +354,24 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             pos = stop.position
             self.rec.close_bar()
-            self.rec.log({"event": "stopped", "signal": stop.signal_name, "epoch": pos.epoch, "step": pos.step,
-                          "elapsed": self.progress.elapsed})
-            self.rec.print(f"stopped by {stop.signal_name} at epoch {pos.epoch + 1} step {pos.step}; checkpoint written to "
-                           f"{self.ckpt.dir / 'last.pt'}; the same command (or --resume {self.ckpt.run_dir}) continues "
-                           f"(exit code {errors.EXIT_PREEMPTED})")
+            self.rec.log(
+                {
+                    "event": "stopped",
+                    "signal": stop.signal_name,
+                    "epoch": pos.epoch,
+                    "step": pos.step,
+                    "elapsed": self.progress.elapsed,
+                }
+            )
+            self.rec.print(
+                f"stopped by {stop.signal_name} at epoch {pos.epoch + 1} step {pos.step}; checkpoint written to "
+                f"{self.ckpt.dir / 'last.pt'}; the same command (or --resume {self.ckpt.run_dir}) continues "
+                f"(exit code {errors.EXIT_PREEMPTED})"
+            )
             self.rec.finish()
-        raise PreemptedError(f"stopped by {stop.signal_name}; resume to continue from epoch {pos.epoch + 1} step {pos.step}")
+        raise PreemptedError(
+            f"stopped by {stop.signal_name}; resume to continue from epoch {pos.epoch + 1} step {pos.step}"
+        )
 
     # -- end of an epoch: evaluation, record, checkpoint ----------------------------------------
     def end_epoch(self, epoch: int, sums: torch.Tensor, train_time: float) -> None:
@@ -281,21 +387,35 @@ class Trainer:
             best["time_to_target"] = elapsed
         seen = float(totals[COUNT])
         record = {
-            "step": (epoch + 1) * self.layout.steps_per_epoch, "epoch": epoch, "lr": self.lr(epoch, 0),
-            "train_loss": float(totals[LOSS_SUM]) / max(seen, 1), "train_acc": float(totals[CORRECT]) / max(seen, 1),
-            "train_images": int(seen), "val_loss": val.loss, "val_acc": val.accuracy, "val_count": val.count,
-            "val_per_class": dict(zip(self.classes, val.per_class_accuracy())), "val_confusion": val.confusion,
-            "images_per_s": float(totals[THIS_ATTEMPT]) / max(train_time, 1e-9),  # images of this attempt, over its time
-            "train_time": train_time, "epoch_time": train_time + eval_time, "elapsed": elapsed,
+            "step": (epoch + 1) * self.layout.steps_per_epoch,
+            "epoch": epoch,
+            "lr": self.lr(epoch, 0),
+            "train_loss": float(totals[LOSS_SUM]) / max(seen, 1),
+            "train_acc": float(totals[CORRECT]) / max(seen, 1),
+            "train_images": int(seen),
+            "val_loss": val.loss,
+            "val_acc": val.accuracy,
+            "val_count": val.count,
+            "val_per_class": dict(zip(self.classes, val.per_class_accuracy())),
+            "val_confusion": val.confusion,
+            "images_per_s": float(totals[THIS_ATTEMPT])
+            / max(train_time, 1e-9),  # images of this attempt, over its time
+            "train_time": train_time,
+            "epoch_time": train_time + eval_time,
+            "elapsed": elapsed,
         }
         self.rec.log_epoch(record)
-        self.rec.print(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  lr {record['lr']:.2e}  train loss {record['train_loss']:.4f} "
-                       f"acc {record['train_acc']:.4f}  val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
-                       f"{record['images_per_s']:.1f} img/s  {record['epoch_time']:.1f}s")
+        self.rec.print(
+            f"epoch {epoch + 1:>3}/{cfg.train.epochs}  lr {record['lr']:.2e}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.4f}  val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
+            f"{record['images_per_s']:.1f} img/s  {record['epoch_time']:.1f}s"
+        )
         # Written in the background; the ranks stay in step through the next epoch's all-reduces.
         self.save(Position(epoch + 1, 0), torch.zeros(3, dtype=torch.float64), is_best)
         self.progress.position = Position(epoch + 1, 0)
-        stop, _ = agree(self.signals, self.ckpt, self.accelerator)  # a signal during evaluation: this checkpoint is the stop's
+        stop, _ = agree(
+            self.signals, self.ckpt, self.accelerator
+        )  # a signal during evaluation: this checkpoint is the stop's
         if stop and epoch + 1 < cfg.train.epochs:  # after the last epoch the run simply ends
             raise _Stopped(self.signals.received or "a peer's signal", Position(epoch + 1, 0))
 
@@ -304,8 +424,9 @@ class Trainer:
         start = time.perf_counter()
         average_buffers(self.bare, self.accelerator)
         with self.accelerator.autocast():
-            counts = local_counts(self.parts.eval_model, self.parts.val_loader, len(self.classes), self.device,
-                                  on_batch=self.dog.beat)
+            counts = local_counts(
+                self.parts.eval_model, self.parts.val_loader, len(self.classes), self.device, on_batch=self.dog.beat
+            )
         val = EvalResult.from_counts(self.accelerator.reduce(counts, reduction="sum"), len(self.classes))
         return val, time.perf_counter() - start
 
@@ -317,18 +438,27 @@ class Trainer:
         best = self.progress.best
         with self.dog.pause():
             self.ckpt.wait()  # the last checkpoint is on disk before the run says it has ended
-            self.rec.print(f"best val accuracy {best['val_acc']:.4f} at epoch {best['epoch'] + 1}; run folder {self.ckpt.run_dir}")
-            self.rec.finish({"best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
-                             "total_time": time.perf_counter() - self.rec.started,
-                             "target_accuracy": self.cfg.tracking.target_accuracy, "time_to_target": best["time_to_target"],
-                             "weights_digest_per_rank": digests})
+            self.rec.print(
+                f"best val accuracy {best['val_acc']:.4f} at epoch {best['epoch'] + 1}; run folder {self.ckpt.run_dir}"
+            )
+            self.rec.finish(
+                {
+                    "best_val_acc": best["val_acc"],
+                    "best_epoch": best["epoch"],
+                    "total_time": time.perf_counter() - self.rec.started,
+                    "target_accuracy": self.cfg.tracking.target_accuracy,
+                    "time_to_target": best["time_to_target"],
+                    "weights_digest_per_rank": digests,
+                }
+            )
 
 
 class _Window:
     """The `step` rows: loss and throughput over each log interval, read back from the device once per interval."""
 
-    def __init__(self, rec: Recorder, epoch: int, steps: int, global_batch: int, world: int, first_step: int,
-                 sums: torch.Tensor):
+    def __init__(
+        self, rec: Recorder, epoch: int, steps: int, global_batch: int, world: int, first_step: int, sums: torch.Tensor
+    ):
         self.rec, self.epoch, self.steps, self.global_batch, self.world = rec, epoch, steps, global_batch, world
         self.logged = sums.clone()
         self.last = time.perf_counter()
@@ -347,21 +477,28 @@ class _Window:
         images_per_s = done * self.global_batch / interval
         window_loss = loss_sum / max(count, 1)
         self.rec.advance(done, window_loss, images_per_s)
-        self.rec.log_step({
-            "step": self.epoch * self.steps + step, "epoch": self.epoch, "lr": lr,
-            "loss": window_loss, "images_per_s": images_per_s,
-            "images_per_s_per_process": images_per_s / self.world, "step_time": interval / done,
-            "data_wait_fraction": min((clock.waited - self.waited) / interval, 1.0),
-            "elapsed": now - self.rec.started,
-        })
+        self.rec.log_step(
+            {
+                "step": self.epoch * self.steps + step,
+                "epoch": self.epoch,
+                "lr": lr,
+                "loss": window_loss,
+                "images_per_s": images_per_s,
+                "images_per_s_per_process": images_per_s / self.world,
+                "step_time": interval / done,
+                "data_wait_fraction": min((clock.waited - self.waited) / interval, 1.0),
+                "elapsed": now - self.rec.started,
+            }
+        )
         self.last, self.last_step, self.logged, self.waited = now, step, sums.clone(), clock.waited
 
 
 def agree(signals: StopSignals, ckpt: CheckpointManager, accelerator: Accelerator) -> tuple[bool, bool]:
     """One small all-reduce: has any rank seen a stop signal; is a time-based checkpoint due by the main process's clock."""
     ckpt.heartbeat()
-    flags = torch.tensor([float(signals.requested), float(accelerator.is_main_process and ckpt.time_due())],
-                         device=accelerator.device)
+    flags = torch.tensor(
+        [float(signals.requested), float(accelerator.is_main_process and ckpt.time_due())], device=accelerator.device
+    )
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, reduction="sum")
     stop, due = flags.tolist()
@@ -401,6 +538,8 @@ class _peer_failures:
         dist_error = getattr(torch.distributed, "DistError", ())
         if isinstance(exc, dist_error) or _PEER_FAILURE.search(str(exc)):
             first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise HungError(f"rank {self.rank}: a collective failed; a peer rank is hung or dead "
-                            f"(train.collective_timeout={self.timeout:g} s): {first[:200]}") from None
+            raise HungError(
+                f"rank {self.rank}: a collective failed; a peer rank is hung or dead "
+                f"(train.collective_timeout={self.timeout:g} s): {first[:200]}"
+            ) from None
         return False

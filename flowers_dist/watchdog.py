@@ -24,7 +24,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         if self.timeout > 0:
             self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
             self._thread.start()
@@ -36,7 +36,7 @@ class Watchdog:
     def beat(self) -> None:
         self._last = time.monotonic()
 
-    def pause(self) -> "_Paused":
+    def pause(self) -> _Paused:
         """A block (a final checkpoint write, closing W&B) that may legitimately take long."""
         return _Paused(self)
 
@@ -46,8 +46,10 @@ class Watchdog:
             if last is None or self._paused:
                 continue
             if time.monotonic() - last > self.timeout:
-                sys.stderr.write(f"flowers-dist: error: rank {self.rank}: no {self.what} finished in {self.timeout:g} s; "
-                                 f"a rank is hung or dead (train.watchdog); exiting with code {EXIT_HUNG}\n")
+                sys.stderr.write(
+                    f"flowers-dist: error: rank {self.rank}: no {self.what} finished in {self.timeout:g} s; "
+                    f"a rank is hung or dead (train.watchdog); exiting with code {EXIT_HUNG}\n"
+                )
                 sys.stderr.flush()
                 os._exit(EXIT_HUNG)
 

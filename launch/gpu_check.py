@@ -41,6 +41,7 @@ ESTIMATE_IMAGES_PER_S = 3_000
 
 # ---------------------------------------------------------------------------------------------- the run
 
+
 @dataclasses.dataclass
 class Row:
     check: str
@@ -85,7 +86,7 @@ class Plan:
     e2e_epochs: int
 
     @classmethod
-    def make(cls, args: argparse.Namespace) -> "Plan":
+    def make(cls, args: argparse.Namespace) -> Plan:
         if args.dry_run:
             return cls(True, batch=8, window=0.3, repeats=2, image_size=32, e2e_epochs=2)
         return cls(False, batch=args.batch, window=args.window, repeats=args.repeats, image_size=224, e2e_epochs=4)
@@ -102,8 +103,17 @@ class Plan:
         for batch in (self.batch, RECIPE_BATCH):
             images = self.e2e_epochs * self.e2e_log_every(batch) * batch * 1.02
             e2e += 20 + images / ESTIMATE_IMAGES_PER_S + self.e2e_epochs * num_val / ESTIMATE_IMAGES_PER_S
-        return {"imports and set-up": 20, "decode parity": 15, "eval parity": 15, "delayed read": 15, "HW decoder": decoder,
-                "sync-free steps": 25, "loader windows": loaders, "end-to-end runs": e2e, "start-up runs": 2 * 25}
+        return {
+            "imports and set-up": 20,
+            "decode parity": 15,
+            "eval parity": 15,
+            "delayed read": 15,
+            "HW decoder": decoder,
+            "sync-free steps": 25,
+            "loader windows": loaders,
+            "end-to-end runs": e2e,
+            "start-up runs": 2 * 25,
+        }
 
 
 def _device(plan: Plan):
@@ -170,13 +180,20 @@ def decode_parity(files: list[str], device) -> dict:
     @pipeline_def
     def both(fancy: bool):
         jpegs, _ = fn.readers.file(files=files, random_shuffle=False, name="Reader")
-        gpu = fn.decoders.image(jpegs, device=gpu_device, output_type=types.RGB, **({"jpeg_fancy_upsampling": fancy} if gpu_device == "mixed" else {}))
+        gpu = fn.decoders.image(
+            jpegs,
+            device=gpu_device,
+            output_type=types.RGB,
+            **({"jpeg_fancy_upsampling": fancy} if gpu_device == "mixed" else {}),
+        )
         cpu = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
         return gpu, cpu
 
     out = {}
     for fancy in (True, False):
-        pipe = both(fancy=fancy, batch_size=len(files), num_threads=4, device_id=None if device.type == "cpu" else device.index)
+        pipe = both(
+            fancy=fancy, batch_size=len(files), num_threads=4, device_id=None if device.type == "cpu" else device.index
+        )
         pipe.build()
         gpu, cpu = pipe.run()
         gpu = gpu.as_cpu() if hasattr(gpu, "as_cpu") else gpu
@@ -189,10 +206,11 @@ def decode_parity(files: list[str], device) -> dict:
 def eval_parity(cfg, split, device) -> float:
     """Largest per-image mean |device - CPU| of the production evaluation loader, normalised units."""
     import torch
+
     from flowers_dist.data import Placement, build_loader
 
     def images(dev) -> torch.Tensor:
-        loader = build_loader(cfg, split, train=False, batch_per_rank=16, placement=Placement(0, 1, dev, workers=4), seed=0)
+        loader = build_loader(cfg, split, train=False, batch_size=16, placement=Placement(0, 1, dev, workers=4), seed=0)
         return torch.cat([x.float().cpu() for x, _ in loader])
 
     a, b = images(device), images(torch.device("cpu"))
@@ -207,6 +225,7 @@ def delayed_read(cfg, split, device, batch: int, zero_copy: bool = False) -> dic
     the loader as DALI 2.4 does by default (exec_dynamic views), to show the check can see it.
     """
     import torch
+
     from flowers_dist.data import Placement
     from flowers_dist.data import dali as dali_module
     from flowers_dist.steps import endless
@@ -226,7 +245,9 @@ def delayed_read(cfg, split, device, batch: int, zero_copy: bool = False) -> dic
     first = images.double().sum()
     if on_gpu:
         stalled.record()
-        torch.cuda._sleep(4_000_000_000)  # ~2 s of GPU clock cycles on torch's stream (the read must come after the advance)
+        torch.cuda._sleep(
+            4_000_000_000
+        )  # ~2 s of GPU clock cycles on torch's stream (the read must come after the advance)
     late = images.double().sum()  # queued now, runs after the stall
     if on_gpu:
         read.record()
@@ -250,6 +271,7 @@ def sync_free_steps(precision: str, device, num_classes: int, batch: int, size: 
     """
     import torch
     from accelerate.state import AcceleratorState, GradientState
+
     from flowers_dist.config import ModelConfig, OptimConfig
     from flowers_dist.distributed import make_accelerator
     from flowers_dist.evaluate import local_counts
@@ -262,8 +284,13 @@ def sync_free_steps(precision: str, device, num_classes: int, batch: int, size: 
     model = build_model(ModelConfig(pretrained="none", channels_last=True), num_classes)
     optimizer = build_optimizer(OptimConfig(lr=0.01), model, fused=device.type == "cuda")
     model, optimizer = accelerator.prepare(model, optimizer)
-    batches = [(torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last),
-                torch.randint(0, num_classes, (batch,), device=device)) for _ in range(3)]
+    batches = [
+        (
+            torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last),
+            torch.randint(0, num_classes, (batch,), device=device),
+        )
+        for _ in range(3)
+    ]
     sums = torch.zeros(3, dtype=torch.float64, device=device)
 
     def run() -> None:
@@ -309,28 +336,49 @@ def hw_decoder(files: list[str], device, plan: Plan) -> dict:
         def one() -> int:
             pipe.run()
             return batch
+
         out = rate_windows(one, device, plan.window, plan.repeats)
         logs.append(log[0])
-        del pipe
         return out
 
     logs: list[str] = []
-    dmon = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) \
-        if shutil.which("nvidia-smi") else None
+    dmon = (
+        subprocess.Popen(
+            ["nvidia-smi", "dmon", "-s", "u", "-d", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        if shutil.which("nvidia-smi")
+        else None
+    )
     hw = rates(1.0)
     jpg = None
     if dmon is not None:
         dmon.terminate()
         text = dmon.communicate(timeout=10)[0]
-        header = next((line.lstrip("#").split() for line in text.splitlines() if line.startswith("#") and "sm" in line), None)
+        header = next(
+            (line.lstrip("#").split() for line in text.splitlines() if line.startswith("#") and "sm" in line), None
+        )
         if header and "jpg" in header:
             col = header.index("jpg")
-            values = [int(v[col]) for v in (line.split() for line in text.splitlines() if not line.startswith("#")) if len(v) > col and v[col].isdigit()]
+            values = [
+                int(v[col])
+                for v in (line.split() for line in text.splitlines() if not line.startswith("#"))
+                if len(v) > col and v[col].isdigit()
+            ]
             jpg = max(values) if values else None
     cuda_only = rates(0.0)
-    warnings = [line.strip() for text in logs for line in text.splitlines() if "hw decoder" in line.lower() or "hardware" in line.lower()]
-    return {"hw_rates": hw, "cuda_rates": cuda_only, "jpg_util_max": jpg, "warnings": warnings,
-            "capabilities": os.environ.get("NVIDIA_DRIVER_CAPABILITIES", "(unset)")}
+    warnings = [
+        line.strip()
+        for text in logs
+        for line in text.splitlines()
+        if "hw decoder" in line.lower() or "hardware" in line.lower()
+    ]
+    return {
+        "hw_rates": hw,
+        "cuda_rates": cuda_only,
+        "jpg_util_max": jpg,
+        "warnings": warnings,
+        "capabilities": os.environ.get("NVIDIA_DRIVER_CAPABILITIES", "(unset)"),
+    }
 
 
 def loader_rates(cfg, split, device, plan: Plan) -> list[float]:
@@ -339,7 +387,9 @@ def loader_rates(cfg, split, device, plan: Plan) -> list[float]:
     from flowers_dist.steps import endless
 
     workers = max(1, len(os.sched_getaffinity(0)))
-    loader = build_loader(cfg, split, train=True, batch_per_rank=plan.batch, placement=Placement(0, 1, device, workers=workers), seed=0)
+    loader = build_loader(
+        cfg, split, train=True, batch_size=plan.batch, placement=Placement(0, 1, device, workers=workers), seed=0
+    )
     batches = endless(loader)
     return rate_windows(lambda: next(batches)[0].shape[0], device, plan.window, plan.repeats)
 
@@ -369,19 +419,32 @@ def end_to_end(data_root: Path, out: Path, batch: int, plan: Plan) -> dict:
     epoch (warm-up: cuDNN's search, first allocations); eval time is epoch_time - train_time.
     """
     from accelerate.state import AcceleratorState, GradientState
+
     from flowers_dist import config as config_module
     from flowers_dist import metrics_log
     from flowers_dist.train import train
 
     log_every = plan.e2e_log_every(batch)
     precision = '"no"' if plan.dry else "bf16"  # quoted: YAML reads a bare no as false
-    overrides = [f"data.root={data_root}", "data.loader=dali", f"data.image_size={plan.image_size}", "model.pretrained=none",
-                 "model.channels_last=true", f"train.mixed_precision={precision}", f"train.global_batch_size={batch}",
-                 f"train.eval_batch_size={max(batch, 64)}", f"train.epochs={plan.e2e_epochs}", f"train.log_every={log_every}",
-                 "train.progress=lines", f"train.output_dir={out}", f"train.name=e2e-{batch}", "tracking.wandb=disabled",
-                 # The train split repeats the val photos through links: the data check would rightly drop the
-                 # repeats as duplicates and leakage. These are known-good photos; its own cost is not under test here.
-                 "data.check=false"]
+    overrides = [
+        f"data.root={data_root}",
+        "data.loader=dali",
+        f"data.image_size={plan.image_size}",
+        "model.pretrained=none",
+        "model.channels_last=true",
+        f"train.mixed_precision={precision}",
+        f"train.global_batch_size={batch}",
+        f"train.eval_batch_size={max(batch, 64)}",
+        f"train.epochs={plan.e2e_epochs}",
+        f"train.log_every={log_every}",
+        "train.progress=lines",
+        f"train.output_dir={out}",
+        f"train.name=e2e-{batch}",
+        "tracking.wandb=disabled",
+        # The train split repeats the val photos through links: the data check would rightly drop the
+        # repeats as duplicates and leakage. These are known-good photos; its own cost is not under test here.
+        "data.check=false",
+    ]
     if plan.dry:
         overrides += ["train.device=cpu", "data.num_workers=2"]
     cfg = config_module.load(REPO / "configs" / "flowers_resnet18.yaml", overrides)
@@ -392,18 +455,35 @@ def end_to_end(data_root: Path, out: Path, batch: int, plan: Plan) -> dict:
     epochs = [r for r in rows if r.get("event") == "epoch"]
     per_epoch = epochs[0]["step"] // (epochs[0]["epoch"] + 1)  # an epoch row's step is (epoch + 1) x steps per epoch
     # Full windows only (an epoch's last, shorter one ends early), after the warm-up epoch.
-    full = [r for r in rows if r.get("event") == "step" and r["epoch"] >= 1 and (r["step"] - r["epoch"] * per_epoch) % log_every == 0]
+    full = [
+        r
+        for r in rows
+        if r.get("event") == "step" and r["epoch"] >= 1 and (r["step"] - r["epoch"] * per_epoch) % log_every == 0
+    ]
     later = [r for r in epochs if r["epoch"] >= 1]
-    return {"rates": [r["images_per_s"] for r in full], "window_s": [r["step_time"] * log_every for r in full],
-            "eval_s": statistics.median(r["epoch_time"] - r["train_time"] for r in later), "log_every": log_every}
+    return {
+        "rates": [r["images_per_s"] for r in full],
+        "window_s": [r["step_time"] * log_every for r in full],
+        "eval_s": statistics.median(r["epoch_time"] - r["train_time"] for r in later),
+        "log_every": log_every,
+    }
 
 
 def startup(data_root: Path, out: Path, plan: Plan) -> list[float]:
     from flowers_dist.bench.startup import first_step_seconds
 
-    overrides = [f"data.root={data_root}", "data.loader=dali", f"data.image_size={plan.image_size}", "model.pretrained=none",
-                 "model.channels_last=true", "data.check=false"] + (["train.device=cpu", "data.num_workers=2"] if plan.dry else ["train.mixed_precision=bf16"])
-    return [first_step_seconds(REPO / "configs" / "flowers_resnet18.yaml", overrides, out / f"startup-{i}") for i in range(2)]
+    overrides = [
+        f"data.root={data_root}",
+        "data.loader=dali",
+        f"data.image_size={plan.image_size}",
+        "model.pretrained=none",
+        "model.channels_last=true",
+        "data.check=false",
+    ] + (["train.device=cpu", "data.num_workers=2"] if plan.dry else ["train.mixed_precision=bf16"])
+    return [
+        first_step_seconds(REPO / "configs" / "flowers_resnet18.yaml", overrides, out / f"startup-{i}")
+        for i in range(2)
+    ]
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -424,10 +504,17 @@ def run_main(args: argparse.Namespace) -> int:
     # The estimate is always the GPU plan's (a dry run prints what the real run will promise).
     estimate = Plan.make(argparse.Namespace(**{**vars(args), "dry_run": False})).estimate(len(val))
     total = sum(estimate.values())
-    print(f"gpu_check: estimated duration on an H200: {total:.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in estimate.items())
-          + f"); limit {GOAL_CHECK_S:.0f} s; {len(val)} photos from {args.data / 'val'}", flush=True)
+    print(
+        f"gpu_check: estimated duration on an H200: {total:.0f} s ("
+        + ", ".join(f"{k} {v:.0f}" for k, v in estimate.items())
+        + f"); limit {GOAL_CHECK_S:.0f} s; {len(val)} photos from {args.data / 'val'}",
+        flush=True,
+    )
     if total >= GOAL_CHECK_S:
-        print(f"gpu_check: the estimate is over the {GOAL_CHECK_S:.0f} s limit: lower --window or --repeats", file=sys.stderr)
+        print(
+            f"gpu_check: the estimate is over the {GOAL_CHECK_S:.0f} s limit: lower --window or --repeats",
+            file=sys.stderr,
+        )
         return 2
     table = Table()
     work = Path(tempfile.mkdtemp(prefix="gpu_check-")) if args.out is None else args.out
@@ -435,8 +522,11 @@ def run_main(args: argparse.Namespace) -> int:
     size = plan.image_size
     recipe = DataConfig(loader="dali", image_size=size, rotation=15, color_jitter=0.2)
     biggest = max(plan.batch, RECIPE_BATCH)
-    root = _train_tree(val, Path(tempfile.mkdtemp(prefix="gpu_check-data-")),
-                       int(plan.e2e_log_every(biggest) * biggest * 1.02) if not plan.dry else 8 * plan.batch)
+    root = _train_tree(
+        val,
+        Path(tempfile.mkdtemp(prefix="gpu_check-data-")),
+        int(plan.e2e_log_every(biggest) * biggest * 1.02) if not plan.dry else 8 * plan.batch,
+    )
     train_split = scan_split(root / "train")
 
     def stage(name: str, fn) -> None:
@@ -447,30 +537,46 @@ def run_main(args: argparse.Namespace) -> int:
         try:
             fn()
         except Exception as exc:  # one failing stage must not cost the others their device time
-            table.add(name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:90] if str(exc).strip() else ''}", status="FAIL")
+            table.add(
+                name,
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:90] if str(exc).strip() else ''}",
+                status="FAIL",
+            )
 
     def decode() -> None:
         parity = decode_parity(files[:8] if plan.dry else files, device)
-        table.check("decode mixed (fancy) vs cpu", parity[True]["mean"] < DECODE_MEAN_TOL,
-                    f"mean {parity[True]['mean']:.3f} max {parity[True]['max']} grey", f"mean < {DECODE_MEAN_TOL}")
+        table.check(
+            "decode mixed (fancy) vs cpu",
+            parity[True]["mean"] < DECODE_MEAN_TOL,
+            f"mean {parity[True]['mean']:.3f} max {parity[True]['max']} grey",
+            f"mean < {DECODE_MEAN_TOL}",
+        )
         table.add("decode mixed (default) vs cpu", f"mean {parity[False]['mean']:.3f} max {parity[False]['max']} grey")
 
     def evaluation() -> None:
         small = dataclasses.replace(val, files=val.files[:8], labels=val.labels[:8]) if plan.dry else val
         diff = eval_parity(DataConfig(loader="dali", image_size=size), small, device)
-        table.check("eval loader gpu vs cpu", diff < EVAL_MEAN_TOL, f"mean {diff:.4f} (normalised)", f"< {EVAL_MEAN_TOL}")
+        table.check(
+            "eval loader gpu vs cpu", diff < EVAL_MEAN_TOL, f"mean {diff:.4f} (normalised)", f"< {EVAL_MEAN_TOL}"
+        )
 
     def delayed() -> None:
         cfg = DataConfig(image_size=size)
         got = delayed_read(cfg, val, device, plan.batch)
         covered = plan.dry or got["read_delay_s"] > got["host_advance_s"]
-        table.check("delayed read of a dropped batch", got["equal"] and covered,
-                    f"{'same sum' if got['equal'] else 'SUM CHANGED'}; read {got['read_delay_s']:.2f} s late, host advanced 8 batches in {got['host_advance_s']:.2f} s",
-                    "same sum, read after the advance")
+        table.check(
+            "delayed read of a dropped batch",
+            got["equal"] and covered,
+            f"{'same sum' if got['equal'] else 'SUM CHANGED'}; read {got['read_delay_s']:.2f} s late, host advanced 8 batches in {got['host_advance_s']:.2f} s",
+            "same sum, read after the advance",
+        )
         if not plan.dry:
             zero = delayed_read(cfg, val, device, plan.batch, zero_copy=True)
-            table.add("  same with exec_dynamic views", "same sum" if zero["equal"] else "sum changed: views are unsafe",
-                      status="info: why OWN_THE_BATCH")
+            table.add(
+                "  same with exec_dynamic views",
+                "same sum" if zero["equal"] else "sum changed: views are unsafe",
+                status="info: why OWN_THE_BATCH",
+            )
 
     def decoder() -> None:
         if plan.dry:
@@ -478,26 +584,43 @@ def run_main(args: argparse.Namespace) -> int:
             return
         got = hw_decoder(files, device, plan)
         used = got["jpg_util_max"] is not None and got["jpg_util_max"] > 0
-        table.check("HW JPEG decoder in use", used and not got["warnings"],
-                    f"NVJPG busy {got['jpg_util_max'] if got['jpg_util_max'] is not None else '?'}%; capabilities {got['capabilities']}"
-                    + (f"; {got['warnings'][0][:60]}" if got["warnings"] else ""), "NVJPG > 0%, no warning")
+        table.check(
+            "HW JPEG decoder in use",
+            used and not got["warnings"],
+            f"NVJPG busy {got['jpg_util_max'] if got['jpg_util_max'] is not None else '?'}%; capabilities {got['capabilities']}"
+            + (f"; {got['warnings'][0][:60]}" if got["warnings"] else ""),
+            "NVJPG > 0%, no warning",
+        )
         table.add("  decode, hw_decoder_load=1", _spread(got["hw_rates"]))
         table.add("  decode, CUDA decoder only", _spread(got["cuda_rates"]))
 
     def sync_free() -> None:
         for precision in ("bf16", "fp16") if not plan.dry else ("bf16",):
-            found = sync_free_steps(precision, device, len(val.classes), batch=32 if not plan.dry else 4, size=64 if not plan.dry else 32)
-            table.check(f"no host sync per step, {precision}", found is None, "none" if found is None else found[:60],
-                        "none (Accelerator, fused SGD)" if not plan.dry else "dry run: steps only")
+            found = sync_free_steps(
+                precision, device, len(val.classes), batch=32 if not plan.dry else 4, size=64 if not plan.dry else 32
+            )
+            table.check(
+                f"no host sync per step, {precision}",
+                found is None,
+                "none" if found is None else found[:60],
+                "none (Accelerator, fused SGD)" if not plan.dry else "dry run: steps only",
+            )
 
     def loaders() -> None:
-        for name, cfg in (("dali", recipe), ("torch", dataclasses.replace(recipe, loader="torch")),
-                          ("dali, hw_decoder_load=0", dataclasses.replace(recipe, hw_decoder_load=0.0))):
+        for name, cfg in (
+            ("dali", recipe),
+            ("torch", dataclasses.replace(recipe, loader="torch")),
+            ("dali, hw_decoder_load=0", dataclasses.replace(recipe, hw_decoder_load=0.0)),
+        ):
             if plan.dry and "hw" in name:
                 continue
             rates = loader_rates(cfg, train_split, device, plan)
-            table.add(f"loader {name} ({size} px, recipe)", _spread(rates), f">= {GOAL_IMAGES_PER_S:,} img/s",
-                      "ok" if statistics.median(rates) >= GOAL_IMAGES_PER_S else "below")
+            table.add(
+                f"loader {name} ({size} px, recipe)",
+                _spread(rates),
+                f">= {GOAL_IMAGES_PER_S:,} img/s",
+                "ok" if statistics.median(rates) >= GOAL_IMAGES_PER_S else "below",
+            )
 
     e2e: dict = {}
 
@@ -505,14 +628,19 @@ def run_main(args: argparse.Namespace) -> int:
         for batch in (plan.batch, RECIPE_BATCH if not plan.dry else plan.batch // 2):
             e2e[batch] = end_to_end(root, work, batch, plan)
             got = e2e[batch]
-            table.add(f"train loop bf16 cl, batch {batch}", _spread(got["rates"]) if got["rates"] else "no full window",
-                      f">= {GOAL_IMAGES_PER_S:,} img/s",
-                      "ok" if got["rates"] and statistics.median(got["rates"]) >= GOAL_IMAGES_PER_S else "below")
+            table.add(
+                f"train loop bf16 cl, batch {batch}",
+                _spread(got["rates"]) if got["rates"] else "no full window",
+                f">= {GOAL_IMAGES_PER_S:,} img/s",
+                "ok" if got["rates"] and statistics.median(got["rates"]) >= GOAL_IMAGES_PER_S else "below",
+            )
 
     def startup_runs() -> None:
         firsts = startup(root, work, plan)
         e2e["startup"] = statistics.median(firsts)
-        table.add("time to first step (fresh process)", f"{e2e['startup']:.1f} s (range {min(firsts):.1f}-{max(firsts):.1f})")
+        table.add(
+            "time to first step (fresh process)", f"{e2e['startup']:.1f} s (range {min(firsts):.1f}-{max(firsts):.1f})"
+        )
 
     stage("decode parity", decode)
     stage("eval parity", evaluation)
@@ -528,15 +656,23 @@ def run_main(args: argparse.Namespace) -> int:
         rate = statistics.median(e2e[recipe_batch]["rates"])
         steps = RECIPE_TRAIN_IMAGES // RECIPE_BATCH
         seconds = e2e["startup"] + RECIPE_EPOCHS * (steps * RECIPE_BATCH / rate + e2e[recipe_batch]["eval_s"])
-        table.add("25-epoch recipe, extrapolated", f"{seconds:.1f} s = start-up {e2e['startup']:.1f} + 25 x ({steps} steps "
-                  f"at {rate:,.0f} img/s + eval {e2e[recipe_batch]['eval_s']:.2f} s)", f"<= {GOAL_RECIPE_S:.0f} s",
-                  "ok" if seconds <= GOAL_RECIPE_S else "over")
+        table.add(
+            "25-epoch recipe, extrapolated",
+            f"{seconds:.1f} s = start-up {e2e['startup']:.1f} + 25 x ({steps} steps "
+            f"at {rate:,.0f} img/s + eval {e2e[recipe_batch]['eval_s']:.2f} s)",
+            f"<= {GOAL_RECIPE_S:.0f} s",
+            "ok" if seconds <= GOAL_RECIPE_S else "over",
+        )
     took = time.perf_counter() - began
-    table.check("gpu_check duration", took < GOAL_CHECK_S, f"{took:.0f} s (estimated {total:.0f} s)", f"< {GOAL_CHECK_S:.0f} s")
+    table.check(
+        "gpu_check duration", took < GOAL_CHECK_S, f"{took:.0f} s (estimated {total:.0f} s)", f"< {GOAL_CHECK_S:.0f} s"
+    )
 
-    print(f"\ngpu_check{' --dry-run (CPU, tiny sizes: no figure means anything)' if plan.dry else ''}: "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}; {len(val)} photos; batch {plan.batch}; windows >= {plan.window} s")
+    print(
+        f"\ngpu_check{' --dry-run (CPU, tiny sizes: no figure means anything)' if plan.dry else ''}: "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}; {len(val)} photos; batch {plan.batch}; windows >= {plan.window} s"
+    )
     print(table.render())
     for row in table.failed:
         print(f"FAILED: {row.check}: {row.value}")
@@ -546,11 +682,15 @@ def run_main(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO / ".gpu_carry", help="folder holding val/<class>/*.jpg (full-size photos)")
+    parser.add_argument(
+        "--data", type=Path, default=REPO / ".gpu_carry", help="folder holding val/<class>/*.jpg (full-size photos)"
+    )
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--window", type=float, default=5.0, help="seconds per timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per loader figure")
-    parser.add_argument("--budget", type=float, default=540.0, help="skip a stage that would end after this many seconds")
+    parser.add_argument(
+        "--budget", type=float, default=540.0, help="skip a stage that would end after this many seconds"
+    )
     parser.add_argument("--out", type=Path, help="folder for runs and gpu_check.json (default: a temporary folder)")
     parser.add_argument("--dry-run", action="store_true", help="CPU rehearsal at tiny sizes")
     return run_main(parser.parse_args())

@@ -23,17 +23,49 @@ from pathlib import Path
 
 # Everything the check imports, in import order: (module, distribution). torch and torchvision
 # are the host's own (never carried): the check must run against the torch it will train with.
-MODULES = [("torch", "torch"), ("torchvision", "torchvision"), ("numpy", "numpy"), ("packaging", "packaging"),
-           ("yaml", "pyyaml"), ("PIL", "pillow"), ("accelerate", "accelerate"), ("timm", "timm"),
-           ("nvidia.dali", "nvidia-dali-cuda130"), ("nvidia.dali.plugin.pytorch", "nvidia-dali-cuda130"),
-           ("nvidia.nvimgcodec", "nvidia-nvimgcodec-cu13")]
+MODULES = [
+    ("torch", "torch"),
+    ("torchvision", "torchvision"),
+    ("numpy", "numpy"),
+    ("packaging", "packaging"),
+    ("yaml", "pyyaml"),
+    ("PIL", "pillow"),
+    ("accelerate", "accelerate"),
+    ("timm", "timm"),
+    ("nvidia.dali", "nvidia-dali-cuda130"),
+    ("nvidia.dali.plugin.pytorch", "nvidia-dali-cuda130"),
+    ("nvidia.nvimgcodec", "nvidia-nvimgcodec-cu13"),
+]
 # Libraries DALI loads at run time (no module to import): their distributions must be installed.
 LIBRARIES = ["nvidia-nvjpeg", "nvidia-libnvcomp-cu13"]
 HOST_ONLY = {"torch", "torchvision"}
 # Python tags of the GPU host (gpu_wheels.sh downloads for them); the dry run checks the wheels against them.
-HOST_TAGS = ["--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "abi3", "--abi", "none",
-             *[a for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-                           "manylinux_2_12_x86_64", "manylinux2010_x86_64", "any") for a in ("--platform", p)]]
+HOST_TAGS = [
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp312",
+    "--abi",
+    "abi3",
+    "--abi",
+    "none",
+    *[
+        a
+        for p in (
+            "manylinux_2_28_x86_64",
+            "manylinux_2_27_x86_64",
+            "manylinux_2_17_x86_64",
+            "manylinux2014_x86_64",
+            "manylinux_2_12_x86_64",
+            "manylinux2010_x86_64",
+            "any",
+        )
+        for a in ("--platform", p)
+    ],
+]
+
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
@@ -55,6 +87,7 @@ def _wheels(wheel_dir: Path | None, pieces: bool = False) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------- pre-flight
+
 
 def _requirement_problems(dists: list[str]) -> list[str]:
     """Declared requirements (no extras) of the given installed distributions, and of theirs, that are not met."""
@@ -85,9 +118,13 @@ def _fit_problems(versions: dict[str, str | None], dry: bool) -> list[str]:
     problems = []
     torch_v, tv_v = versions.get("torch"), versions.get("torchvision")
     if torch_v and tv_v:
-        (t_major, t_minor), (v_major, v_minor) = (tuple(int(x) for x in v.split("+")[0].split(".")[:2]) for v in (torch_v, tv_v))
+        (t_major, t_minor), (v_major, v_minor) = (
+            tuple(int(x) for x in v.split("+")[0].split(".")[:2]) for v in (torch_v, tv_v)
+        )
         if t_major == 2 and (v_major, v_minor) != (0, t_minor + 15):
-            problems.append(f"torchvision {tv_v} is not the build for torch {torch_v} (torch 2.N pairs with torchvision 0.N+15)")
+            problems.append(
+                f"torchvision {tv_v} is not the build for torch {torch_v} (torch 2.N pairs with torchvision 0.N+15)"
+            )
         t_local, v_local = (v.split("+")[1] if "+" in v else "" for v in (torch_v, tv_v))
         if t_local and v_local and t_local != v_local:
             problems.append(f"torch {torch_v} and torchvision {tv_v} are builds for different CUDA versions")
@@ -98,7 +135,9 @@ def _fit_problems(versions: dict[str, str | None], dry: bool) -> list[str]:
         if versions.get(dist) and cuda:
             wanted = re.search(r"cu(?:da)?(\d\d)", dist).group(1)
             if cuda.split(".")[0] != wanted:
-                problems.append(f"{dist} is for CUDA {wanted} but torch runs CUDA {cuda} (carry the cuda{cuda.split('.')[0]}0 wheels)")
+                problems.append(
+                    f"{dist} is for CUDA {wanted} but torch runs CUDA {cuda} (carry the cuda{cuda.split('.')[0]}0 wheels)"
+                )
     if cuda is None and not dry:
         problems.append(f"torch {torch_v} is a CPU build: the GPU check needs torch for CUDA")
     return problems
@@ -120,23 +159,34 @@ def preflight(wheel_dir: Path | None, dry: bool) -> tuple[list[str], list[str]]:
             versions[dist] = None
             missing.append(dist)
             line = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
-            carry = "the host's own (cannot be carried)" if dist in HOST_ONLY else (
-                f"carried: {wheels[_norm(dist)].name}" if _norm(dist) in wheels else f"CARRY a wheel of {dist} (launch/gpu_wheels.sh)")
+            carry = (
+                "the host's own (cannot be carried)"
+                if dist in HOST_ONLY
+                else (
+                    f"carried: {wheels[_norm(dist)].name}"
+                    if _norm(dist) in wheels
+                    else f"CARRY a wheel of {dist} (launch/gpu_wheels.sh)"
+                )
+            )
             note = f"MISSING ({type(exc).__name__}: {line}); {carry}"
         print(f"  {module:<28} {note}")
     for dist in LIBRARIES:
         versions[dist] = _version(dist)
         if versions[dist] is None:
             missing.append(dist)
-        print(f"  {dist:<28} {versions[dist] or 'MISSING; ' + ('carried' if _norm(dist) in wheels else 'CARRY its wheel')}")
+        print(
+            f"  {dist:<28} {versions[dist] or 'MISSING; ' + ('carried' if _norm(dist) in wheels else 'CARRY its wheel')}"
+        )
     if versions.get("torch"):
         problems += _fit_problems(versions, dry)
         problems += _requirement_problems([d for d in versions if versions[d]])
         import torch
 
         if torch.cuda.is_available():
-            print(f"  GPU: {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}, "
-                  f"NVIDIA_DRIVER_CAPABILITIES={os.environ.get('NVIDIA_DRIVER_CAPABILITIES', '(unset)')}")
+            print(
+                f"  GPU: {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}, "
+                f"NVIDIA_DRIVER_CAPABILITIES={os.environ.get('NVIDIA_DRIVER_CAPABILITIES', '(unset)')}"
+            )
         elif not dry:
             problems.append("no CUDA device visible to torch")
     for problem in problems:
@@ -160,21 +210,45 @@ def install(wheel_dir: Path, dry: bool) -> int:
                 return 2
         chosen = list(wheels.values())
         with tempfile.TemporaryDirectory() as target:
-            cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", *HOST_TAGS, "--target", target, *map(str, chosen)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--no-index",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                *HOST_TAGS,
+                "--target",
+                target,
+                *map(str, chosen),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
     else:
         chosen = [w for d, w in wheels.items() if _version(d) is None]
         if not chosen:
             print("gpu_check: nothing to install")
             return 0
-        cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check", *map(str, chosen)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-deps",
+            "--disable-pip-version-check",
+            *map(str, chosen),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         print(f"gpu_check: pip failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
         return 2
-    print(f"gpu_check: {'would install' if dry else 'installed'} {len(chosen)} wheels: "
-          + ", ".join(sorted(w.name.split("-")[0] for w in chosen)))
+    print(
+        f"gpu_check: {'would install' if dry else 'installed'} {len(chosen)} wheels: "
+        + ", ".join(sorted(w.name.split("-")[0] for w in chosen))
+    )
     return 0
 
 
@@ -190,8 +264,11 @@ def preflight_main(args: argparse.Namespace) -> int:
     if args.install and not args.dry_run:
         unfixable = missing
     if unfixable or problems:
-        print(f"gpu_check: pre-flight failed: {len(unfixable)} missing ({', '.join(unfixable) or '-'}), "
-              f"{len(problems)} problem(s)", file=sys.stderr)
+        print(
+            f"gpu_check: pre-flight failed: {len(unfixable)} missing ({', '.join(unfixable) or '-'}), "
+            f"{len(problems)} problem(s)",
+            file=sys.stderr,
+        )
         return 2
     print("gpu_check: pre-flight passed" + (" (missing modules have carried wheels)" if missing else ""))
     return 0
@@ -200,8 +277,12 @@ def preflight_main(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheels", type=Path, help="folder of carried wheels (split ones joined by gpu_check.sh)")
-    parser.add_argument("--install", action="store_true", help="pip-install the carried wheels whose distributions are missing")
-    parser.add_argument("--dry-run", action="store_true", help="CPU rehearsal: no CUDA needed; pip --dry-run for the host's Python 3.12")
+    parser.add_argument(
+        "--install", action="store_true", help="pip-install the carried wheels whose distributions are missing"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU rehearsal: no CUDA needed; pip --dry-run for the host's Python 3.12"
+    )
     return preflight_main(parser.parse_args())
 
 

@@ -82,8 +82,10 @@ def broken_dataset(sample: Path, dest: Path, *, empty_class: bool = False, leak:
     """A copy of sample (train/val/<class>) with every broken kind in train/daisy and val/roses,
     one train file duplicated into val (leakage) and, if asked, an empty class folder in both splits."""
     shutil.copytree(sample, dest)
-    made = {"train": write_broken(dest / "train" / "daisy", next(iter(sorted((sample / "train" / "daisy").iterdir())))),
-            "val": write_broken(dest / "val" / "roses", next(iter(sorted((sample / "val" / "roses").iterdir()))))}
+    made = {
+        "train": write_broken(dest / "train" / "daisy", next(iter(sorted((sample / "train" / "daisy").iterdir())))),
+        "val": write_broken(dest / "val" / "roses", next(iter(sorted((sample / "val" / "roses").iterdir())))),
+    }
     if leak:
         src = sorted((dest / "train" / "tulips").iterdir())[0]
         shutil.copyfile(src, dest / "val" / "tulips" / "zz_leaked_from_train.jpg")

@@ -11,8 +11,9 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -25,10 +26,22 @@ SHARED_FLOWERS = REPO.parent / "shared" / "flowers"
 # Small enough for 2 CPU cores: 32 px crops, no worker processes, no terminal bar; the 63 sample photos
 # (23 val, a prime), ResNet-18 and the recipe's optimisation and augmentation (StepLR at lr 1e-3, crops
 # from 8 % of the area, rotation and colour jitter), whatever configs/quickstart.yaml trains.
-TINY = ["data.image_size=32", "data.num_workers=0", "train.progress=lines", "train.global_batch_size=8", "train.eval_batch_size=8",
-        "data.root=data/flowers_sample", "model.name=resnet18.tv_in1k", "model.zero_init_last=true",
-        "optim.lr=0.001", "optim.schedule=step", "optim.weight_decay=0", "data.scale=[0.08,1.0]",
-        "data.rotation=15", "data.color_jitter=0.2"]
+TINY = [
+    "data.image_size=32",
+    "data.num_workers=0",
+    "train.progress=lines",
+    "train.global_batch_size=8",
+    "train.eval_batch_size=8",
+    "data.root=data/flowers_sample",
+    "model.name=resnet18.tv_in1k",
+    "model.zero_init_last=true",
+    "optim.lr=0.001",
+    "optim.schedule=step",
+    "optim.weight_decay=0",
+    "data.scale=[0.08,1.0]",
+    "data.rotation=15",
+    "data.color_jitter=0.2",
+]
 
 
 def free_port() -> int:
@@ -40,12 +53,42 @@ def free_port() -> int:
 def command(args: list[str], nprocs: int = 1, launcher: str = "accelerate") -> list[str]:
     """`python -m flowers_dist ARGS`, under `accelerate launch` (or torchrun, which restarts a failed rank) when nprocs > 1."""
     if nprocs > 1 and launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nprocs),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()), "-m", "flowers_dist", *args]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(nprocs),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "flowers_dist",
+            *args,
+        ]
     if nprocs > 1 and launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs), "--max-restarts", "1",
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "-m", "flowers_dist", *args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nprocs),
+            "--max-restarts",
+            "1",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"127.0.0.1:{free_port()}",
+            "-m",
+            "flowers_dist",
+            *args,
+        ]
     return [sys.executable, "-m", "flowers_dist", *args]
 
 
@@ -60,12 +103,16 @@ def cli_env(nprocs: int = 1, env: dict | None = None) -> dict[str, str]:
     return {k: v for k, v in full.items() if v is not None}
 
 
-def cli(args: list[str], nprocs: int = 1, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+def cli(
+    args: list[str], nprocs: int = 1, env: dict | None = None, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run `python -m flowers_dist ARGS` to its end, under `accelerate launch` when nprocs > 1."""
     cmd = command(args, nprocs)
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(nprocs, env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -150,7 +197,17 @@ def indexed(split):
 def trained_run(tmp_path_factory) -> Path:
     """One tiny finished run on the sample data, shared by tests that need a checkpoint."""
     out = tmp_path_factory.mktemp("runs")
-    cli(["train", "--config", "configs/quickstart.yaml", *TINY, "train.epochs=2", f"train.output_dir={out}", "train.name=tiny"])
+    cli(
+        [
+            "train",
+            "--config",
+            "configs/quickstart.yaml",
+            *TINY,
+            "train.epochs=2",
+            f"train.output_dir={out}",
+            "train.name=tiny",
+        ]
+    )
     return out / "tiny"
 
 
@@ -185,8 +242,15 @@ def starts_training(argv: list[str]) -> bool:
         return False
     module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
     script = _script(argv)
-    return (bool(LAUNCHERS & {os.path.basename(a) for a in argv}) or module in LAUNCHER_MODULES
-            or (script is not None and Path(script).parent.name == "launch" and (REPO / "launch" / Path(script).name).exists()))
+    return (
+        bool(LAUNCHERS & {os.path.basename(a) for a in argv})
+        or module in LAUNCHER_MODULES
+        or (
+            script is not None
+            and Path(script).parent.name == "launch"
+            and (REPO / "launch" / Path(script).name).exists()
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -199,8 +263,10 @@ def no_training_processes(test: str) -> Iterator[list[str]]:
         if starts_training(_argv(args)):
             refused.append(" ".join(_argv(args)))
             self.args, self.returncode = args, None  # what Popen's repr reads, for the traceback
-            raise UnmarkedEndToEnd(f"{test} is not marked e2e but starts `{refused[-1][:200]}`: add @pytest.mark.e2e "
-                                   "(or `pytestmark = pytest.mark.e2e` for a whole file)")
+            raise UnmarkedEndToEnd(
+                f"{test} is not marked e2e but starts `{refused[-1][:200]}`: add @pytest.mark.e2e "
+                "(or `pytestmark = pytest.mark.e2e` for a whole file)"
+            )
         original(self, args, *rest, **kwargs)
 
     subprocess.Popen.__init__ = guarded

@@ -19,17 +19,27 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from conftest import REPO, cli_env, command, metrics
 
 
-def launch(args: list[str], nprocs: int = 1, env: dict | None = None, launcher: str = "accelerate") -> tuple[subprocess.Popen, str]:
+def launch(
+    args: list[str], nprocs: int = 1, env: dict | None = None, launcher: str = "accelerate"
+) -> tuple[subprocess.Popen, str]:
     """Start `flowers_dist ARGS` in the background as `conftest.cli` runs it; returns the process and its launch's tag."""
     tag = uuid.uuid4().hex
-    proc = subprocess.Popen(command(args, nprocs, launcher), cwd=REPO, env=cli_env(nprocs, {**(env or {}), "FLOWERS_TEST_TAG": tag}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        command(args, nprocs, launcher),
+        cwd=REPO,
+        env=cli_env(nprocs, {**(env or {}), "FLOWERS_TEST_TAG": tag}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     return proc, tag
 
 
@@ -48,14 +58,17 @@ def kill(proc: subprocess.Popen, tag: str | None = None) -> None:
     proc.communicate(timeout=60)
 
 
-def wait_for(run_dir: Path, predicate: Callable[[list[dict[str, Any]]], bool], proc: subprocess.Popen,
-             timeout: float = 300) -> list[dict[str, Any]]:
+def wait_for(
+    run_dir: Path, predicate: Callable[[list[dict[str, Any]]], bool], proc: subprocess.Popen, timeout: float = 300
+) -> list[dict[str, Any]]:
     """Poll the run's metrics.jsonl until predicate(records) holds; fail if the process ends first, or at the timeout."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             out, err = proc.communicate()
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before the expected point\n{out[-2000:]}\n{err[-4000:]}")
+            raise AssertionError(
+                f"the run ended (exit {proc.returncode}) before the expected point\n{out[-2000:]}\n{err[-4000:]}"
+            )
         records = metrics(run_dir)
         if predicate(records):
             return records
@@ -121,7 +134,9 @@ def frozen(pids: list[int], timeout: float = 30) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def stopped_at(pids: list[int], where: Callable[[], bool], timeout: float = 120, slice_s: float = 0.002) -> Iterator[None]:
+def stopped_at(
+    pids: list[int], where: Callable[[], bool], timeout: float = 120, slice_s: float = 0.002
+) -> Iterator[None]:
     """Let the processes run in slices of `slice_s` until `where()`, asked while they are stopped, holds; the block
     then runs with them still stopped, and they are thawed after it. `where` may raise to give up."""
     deadline = time.time() + timeout

@@ -37,7 +37,9 @@ def missing() -> str | None:
     """Why a cluster cannot start here (None when it can)."""
     absent = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
     if absent:
-        return f"SLURM/munge not installed ({', '.join(absent)} missing): apt-get install slurm-wlm slurmctld slurmd munge"
+        return (
+            f"SLURM/munge not installed ({', '.join(absent)} missing): apt-get install slurm-wlm slurmctld slurmd munge"
+        )
     if os.geteuid() != 0:
         return "a SLURM test cluster needs root (network namespace, daemons)"
     for tool in ("ip", "nsenter", "unshare"):
@@ -57,7 +59,9 @@ def dns_stub(port: int = 53) -> None:
         ident, flags = struct.unpack("!HH", query[:4])
         # QR=1, the query's opcode and RD bit, RA=1, RCODE=3 (NXDOMAIN); the question is echoed back.
         reply_flags = 0x8000 | (flags & 0x7900) | 0x0080 | 3
-        sock.sendto(struct.pack("!HHHHHH", ident, reply_flags, struct.unpack("!H", query[4:6])[0], 0, 0, 0) + query[12:], peer)
+        sock.sendto(
+            struct.pack("!HHHHHH", ident, reply_flags, struct.unpack("!H", query[4:6])[0], 0, 0, 0) + query[12:], peer
+        )
 
 
 class Cluster:
@@ -66,21 +70,47 @@ class Cluster:
     def __init__(self, root: Path, namespace: str | None = None):
         self.root = Path(root).resolve()
         ns_file = self.root / "namespace"  # a cluster started earlier (`up`) is found again by its folder
-        self.namespace = namespace or (ns_file.read_text().strip() if ns_file.exists() else f"flowers-slurm-{os.getpid()}-{secrets.token_hex(3)}")
+        self.namespace = namespace or (
+            ns_file.read_text().strip() if ns_file.exists() else f"flowers-slurm-{os.getpid()}-{secrets.token_hex(3)}"
+        )
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf), "HOSTS_FILE": str(self.root / "hosts"),
-                    "RESOLV_FILE": str(self.root / "resolv.conf")}
+        self.env = {
+            **os.environ,
+            "SLURM_CONF": str(self.conf),
+            "HOSTS_FILE": str(self.root / "hosts"),
+            "RESOLV_FILE": str(self.root / "resolv.conf"),
+        }
 
     # -- running things inside ---------------------------------------------------------------
     def prefix(self) -> list[str]:
         """The command prefix that runs a program inside the cluster's namespace (daemons, clients, jobs)."""
-        return ["nsenter", f"--net=/run/netns/{self.namespace}", "unshare", "--mount", "--propagation", "slave", "sh", "-c", _ENTER, "sh"]
+        return [
+            "nsenter",
+            f"--net=/run/netns/{self.namespace}",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "slave",
+            "sh",
+            "-c",
+            _ENTER,
+            "sh",
+        ]
 
-    def run(self, cmd: list[str], env: dict | None = None, timeout: float = 60, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    def run(
+        self, cmd: list[str], env: dict | None = None, timeout: float = 60, check: bool = True, **kwargs
+    ) -> subprocess.CompletedProcess:
         """Run to the end; past `timeout` its whole process group is killed (a launcher's children included)."""
-        with subprocess.Popen([*self.prefix(), *cmd], env={**self.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True, **kwargs) as child:
+        with subprocess.Popen(
+            [*self.prefix(), *cmd],
+            env={**self.env, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            **kwargs,
+        ) as child:
             try:
                 out, err = child.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -96,7 +126,7 @@ class Cluster:
         return subprocess.Popen([*self.prefix(), *cmd], env={**self.env, **(env or {})}, **kwargs)
 
     # -- life cycle --------------------------------------------------------------------------
-    def start(self, timeout: float = 60) -> "Cluster":
+    def start(self, timeout: float = 60) -> Cluster:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "namespace").write_text(self.namespace)
         subprocess.run(["ip", "netns", "add", self.namespace], check=True)
@@ -111,11 +141,24 @@ class Cluster:
         for sub in ("state", "spool-n1", "spool-n2"):
             (self.root / sub).mkdir(exist_ok=True)
 
-        self._dns = self.popen([sys.executable, str(Path(__file__).resolve()), "dns"], start_new_session=True,
-                               stdout=open(self.root / "dns.log", "ab"), stderr=subprocess.STDOUT)
+        self._dns = self.popen(
+            [sys.executable, str(Path(__file__).resolve()), "dns"],
+            start_new_session=True,
+            stdout=open(self.root / "dns.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
         (self.root / "dns.pid").write_text(str(self._dns.pid))
-        self.run(["munged", "--force", f"--key-file={self.root / 'munge' / 'munge.key'}", f"--socket={self.munge_socket}",
-                  f"--pid-file={self.root / 'munged.pid'}", f"--log-file={self.root / 'munged.log'}", f"--seed-file={self.root / 'munge' / 'seed'}"])
+        self.run(
+            [
+                "munged",
+                "--force",
+                f"--key-file={self.root / 'munge' / 'munge.key'}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={self.root / 'munged.pid'}",
+                f"--log-file={self.root / 'munged.log'}",
+                f"--seed-file={self.root / 'munge' / 'seed'}",
+            ]
+        )
         self.run(["slurmctld"])
         for node in NODES:
             self.run(["slurmd", "-N", node])
@@ -139,7 +182,9 @@ class Cluster:
         except (subprocess.TimeoutExpired, FileNotFoundError):
             pass
         # All at once (each takes about 2 s to shut down): no job is left that needs them.
-        _stop_pid_files([self.root / f"{name}.pid" for name in ("slurmd-n1", "slurmd-n2", "slurmctld", "munged", "dns")])
+        _stop_pid_files(
+            [self.root / f"{name}.pid" for name in ("slurmd-n1", "slurmd-n2", "slurmctld", "munged", "dns")]
+        )
         subprocess.run(["ip", "netns", "del", self.namespace], check=False)
 
     # -- jobs ----------------------------------------------------------------------------------
@@ -156,8 +201,12 @@ class Cluster:
             fields[key] = value
         return fields
 
-    def wait(self, job_id: int, states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
-             timeout: float = 300) -> dict[str, str]:
+    def wait(
+        self,
+        job_id: int,
+        states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+        timeout: float = 300,
+    ) -> dict[str, str]:
         """Poll until the job is in one of `states` (a requeued job passes through REQUEUED and PENDING, not these)."""
         deadline = time.time() + timeout
         info: dict[str, str] = {}
@@ -187,8 +236,10 @@ class Cluster:
 
     def _write_conf(self) -> None:
         r = self.root
-        nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname=localhost Port={SLURMD_PORTS[n]} CPUs=2 RealMemory=4000 State=UNKNOWN"
-                          for n in NODES)
+        nodes = "\n".join(
+            f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname=localhost Port={SLURMD_PORTS[n]} CPUs=2 RealMemory=4000 State=UNKNOWN"
+            for n in NODES
+        )
         self.conf.write_text(f"""\
 ClusterName=flowerstest
 SlurmctldHost=localhost
@@ -199,12 +250,12 @@ AuthType=auth/munge
 CredType=cred/munge
 # cred_expire also delays a requeued job (default 120 s); short here, so that a test waits seconds.
 AuthInfo=socket={self.munge_socket},cred_expire=5
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool-%n'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd-%n.pid'}
-SlurmctldLogFile={r / 'slurmctld.log'}
-SlurmdLogFile={r / 'slurmd-%n.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool-%n"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd-%n.pid"}
+SlurmctldLogFile={r / "slurmctld.log"}
+SlurmdLogFile={r / "slurmd-%n.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -222,14 +273,14 @@ SwitchType=switch/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
-PlugStackConfig={r / 'plugstack.conf'}
+PlugStackConfig={r / "plugstack.conf"}
 SlurmdParameters=config_overrides
 KillWait=10
 InactiveLimit=0
 MinJobAge=600
 MailProg=/bin/true
 {nodes}
-PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """)
         (r / "plugstack.conf").write_text("")
 
@@ -268,7 +319,12 @@ if __name__ == "__main__":
         cluster = Cluster(Path(sys.argv[2]))
         if command == "up":
             cluster.start()
-            print(" ".join(f"{k}={cluster.env[k]}" for k in ("SLURM_CONF", "HOSTS_FILE", "RESOLV_FILE")), *cluster.prefix()[:-2], repr(_ENTER), "sh")
+            print(
+                " ".join(f"{k}={cluster.env[k]}" for k in ("SLURM_CONF", "HOSTS_FILE", "RESOLV_FILE")),
+                *cluster.prefix()[:-2],
+                repr(_ENTER),
+                "sh",
+            )
         elif command == "down":
             cluster.stop()
         else:

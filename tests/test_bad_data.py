@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flowers_dist.config import DataConfig
-from flowers_dist.data.torch_loader import ImageFiles, UnreadableImage, collate_skipping, eval_transform, load_rgb
-from flowers_dist.data.folder import scan_split
-
 from broken_files import broken_dataset
 from conftest import REPO, SAMPLE, TINY, cli, metrics
+
+from flowers_dist.config import DataConfig
+from flowers_dist.data.folder import scan_split
+from flowers_dist.data.torch_loader import ImageFiles, UnreadableImage, collate_skipping, eval_transform, load_rgb
 
 # The files of broken_dataset that training leaves out: per split 6 broken kinds (truncated, zero
 # bytes, text, 1x1, huge, garbled; the symlink loops are not files to scan_split, so no loader ever
@@ -45,7 +44,7 @@ def test_an_empty_batch_trains_to_nothing_and_keeps_batchnorm_finite():
     """What a rank does in a step whose every image was unreadable: zero loss, zero gradients, BN untouched."""
     import timm
 
-    from flowers_dist.steps import LOSS_SUM, COUNT, micro_step, one_batch_step
+    from flowers_dist.steps import COUNT, LOSS_SUM, micro_step, one_batch_step
 
     images, labels = collate_skipping([None, None], size=32)
     assert images.shape == (0, 3, 32, 32) and labels.shape == (0,)
@@ -71,9 +70,22 @@ def test_an_empty_batch_trains_to_nothing_and_keeps_batchnorm_finite():
 
 
 def _train(broken, out, name, loader, nprocs=1, extra=()):
-    return cli(["train", "--config", "configs/quickstart.yaml", *TINY, f"data.root={broken}", f"data.loader={loader}",
-                "train.epochs=1", "train.max_steps_per_epoch=2", f"train.output_dir={out}", f"train.name={name}", *extra],
-               nprocs=nprocs)
+    return cli(
+        [
+            "train",
+            "--config",
+            "configs/quickstart.yaml",
+            *TINY,
+            f"data.root={broken}",
+            f"data.loader={loader}",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
+            f"train.output_dir={out}",
+            f"train.name={name}",
+            *extra,
+        ],
+        nprocs=nprocs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +106,15 @@ def test_training_skips_what_does_not_decode(broken, torch_run, tmp_path, loader
         run, stdout = tmp_path / "r", _train(broken, tmp_path, "r", loader, nprocs).stdout
     check = next(r for r in metrics(run) if r.get("event") == "data_check")
     assert check["skipped"] == SKIPPED_TRAIN + SKIPPED_VAL
-    assert check["skipped_by_kind"] == {"truncated": 2, "zero_bytes": 2, "not_image": 2, "too_small": 2,
-                                        "too_large": 2, "unreadable": 2, "leak": 1}
+    assert check["skipped_by_kind"] == {
+        "truncated": 2,
+        "zero_bytes": 2,
+        "not_image": 2,
+        "too_small": 2,
+        "too_large": 2,
+        "unreadable": 2,
+        "leak": 1,
+    }
     assert f"data check: {SKIPPED_TRAIN + SKIPPED_VAL} file(s) skipped" in stdout
     epoch = next(r for r in metrics(run) if r.get("event") == "epoch")
     usable_val = sum(1 for p in (broken / "val").rglob("*") if p.is_file()) - SKIPPED_VAL
@@ -113,9 +132,25 @@ def test_torch_loader_survives_empty_batches_on_two_processes_without_the_check(
     for f in (root / "train" / "daisy").iterdir():
         if not f.is_symlink():
             f.write_bytes(f.read_bytes()[:200])
-    proc = cli(["train", "--config", "configs/quickstart.yaml", *TINY, f"data.root={root}", "data.loader=torch",
-                "data.check=false", "train.global_batch_size=2", "data.image_size=64", "train.epochs=1", "train.max_steps_per_epoch=12",
-                "train.log_every=1", f"train.output_dir={tmp_path}", "train.name=r"], nprocs=2)
+    proc = cli(
+        [
+            "train",
+            "--config",
+            "configs/quickstart.yaml",
+            *TINY,
+            f"data.root={root}",
+            "data.loader=torch",
+            "data.check=false",
+            "train.global_batch_size=2",
+            "data.image_size=64",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=12",
+            "train.log_every=1",
+            f"train.output_dir={tmp_path}",
+            "train.name=r",
+        ],
+        nprocs=2,
+    )
     assert "data check: off" in proc.stdout and "different weights" not in proc.stdout
     steps = [r for r in metrics(tmp_path / "r") if r.get("event") == "step"]
     assert len(steps) == 12 and all(r["loss"] == r["loss"] for r in steps)  # no NaN
@@ -134,14 +169,32 @@ def checkpoint(torch_run) -> Path:
 def test_eval_skips_bad_files_and_counts_the_rest(broken, checkpoint, tmp_path, loader):
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
-    proc = cli(["eval", str(checkpoint), "--data", str(broken), "--loader", loader, "--workers", "0",
-                "--json", str(tmp_path / "e.json")])
+    proc = cli(
+        [
+            "eval",
+            str(checkpoint),
+            "--data",
+            str(broken),
+            "--loader",
+            loader,
+            "--workers",
+            "0",
+            "--json",
+            str(tmp_path / "e.json"),
+        ]
+    )
     result = json.loads((tmp_path / "e.json").read_text())
     files = [p for p in (broken / "val").rglob("*") if p.is_file()]
     # The leaked file is not a problem for eval alone (there is no train split to leak from).
     assert result["count"] == len(files) - (SKIPPED_VAL - 1)
     assert {Path(s["path"]).name for s in result["skipped"]} == {
-        "zz_truncated.jpg", "zz_zero_bytes.jpg", "zz_text.jpg", "zz_one_pixel.jpg", "zz_huge.jpg", "zz_garbled.jpg"}
+        "zz_truncated.jpg",
+        "zz_zero_bytes.jpg",
+        "zz_text.jpg",
+        "zz_one_pixel.jpg",
+        "zz_huge.jpg",
+        "zz_garbled.jpg",
+    }
     assert "zz_huge.jpg: too_large" in proc.stdout and "Traceback" not in proc.stderr
 
 
@@ -161,15 +214,18 @@ def test_predict_names_each_bad_file_and_predicts_the_rest(broken, checkpoint):
 def test_predict_says_each_unreadable_file_once_in_input_order(tmp_path, capsys, caplog):
     """One result line per file, the unreadable ones included, and no log line besides (predict in-process:
     a checkpoint of an untrained test_resnet is all it needs)."""
-    from flowers_dist import checkpoint_file, cli as flowers_cli, config
+    from flowers_dist import checkpoint_file, config
+    from flowers_dist import cli as flowers_cli
     from flowers_dist.model import build_model
 
     cfg = config.load(REPO / "configs" / "quickstart.yaml")
     classes = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     model = build_model(cfg.model, len(classes))
     ckpt = tmp_path / "last.pt"
-    checkpoint_file.atomic_save({"format": checkpoint_file.FORMAT, "config": cfg.to_dict(), "classes": classes,
-                                 "model": model.state_dict()}, ckpt)
+    checkpoint_file.atomic_save(
+        {"format": checkpoint_file.FORMAT, "config": cfg.to_dict(), "classes": classes, "model": model.state_dict()},
+        ckpt,
+    )
     images = tmp_path / "imgs"
     images.mkdir()
     good = sorted((SAMPLE / "val" / "roses").iterdir())[:2]

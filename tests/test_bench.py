@@ -11,15 +11,22 @@ import time
 import pytest
 import timm
 import torch
+from conftest import REPO, cli, free_port, metrics
 
 from flowers_dist.bench.step import count_flops
 from flowers_dist.cli import main
 
-from conftest import REPO, cli, free_port, metrics
-
 # The sample photos, ResNet-18 and the recipe's rotation and colour jitter, whatever the quickstart trains.
-TINY_BENCH = ["--config", "configs/quickstart.yaml", "data.root=data/flowers_sample", "model.name=resnet18.tv_in1k",
-              "data.rotation=15", "data.color_jitter=0.2", "data.image_size=32", "train.global_batch_size=4"]
+TINY_BENCH = [
+    "--config",
+    "configs/quickstart.yaml",
+    "data.root=data/flowers_sample",
+    "model.name=resnet18.tv_in1k",
+    "data.rotation=15",
+    "data.color_jitter=0.2",
+    "data.image_size=32",
+    "train.global_batch_size=4",
+]
 
 
 def _read(path) -> dict:
@@ -39,8 +46,9 @@ def test_counted_flops_of_resnet18_match_the_published_macs():
 def test_counted_flops_of_a_conv_and_a_linear_layer_match_a_count_by_hand():
     # 3x3 conv 3->8 on 6x6 (padding 1), then a linear 288->5, no biases, batch 2; 2 FLOPs per multiply-add.
     h = w = 6
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.Flatten(),
-                                torch.nn.Linear(8 * h * w, 5, bias=False))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.Flatten(), torch.nn.Linear(8 * h * w, 5, bias=False)
+    )
     images, labels = torch.randn(2, 3, h, w), torch.zeros(2, dtype=torch.long)
     conv = 2 * 2 * (8 * h * w) * (3 * 3 * 3)  # batch x outputs x inputs per output
     linear = 2 * 2 * (8 * h * w) * 5
@@ -61,15 +69,37 @@ def test_loader_mode_measures_both_loaders_and_the_decode_ceilings(tmp_path, cap
         assert len(r["values"]) == 1 and r["values"][0] > 0  # one repeat of one timed epoch each
     # The ratios are those of the measurements in the rows, each read from its own repeat.
     assert results["ratio_dali_over_torch"] == pytest.approx(rows["dali"]["values"][0] / rows["torch"]["values"][0])
-    assert results["fused_finish_speedup"] == pytest.approx(rows["dali"]["values"][0] / rows["dali_with_dali_ops"]["values"][0])
+    assert results["fused_finish_speedup"] == pytest.approx(
+        rows["dali"]["values"][0] / rows["dali_with_dali_ops"]["values"][0]
+    )
     assert results["images"] == 40  # the sample's train split, every file
     assert "DALI / PyTorch" in capsys.readouterr().out
 
 
 def test_step_mode_reports_flops_against_a_matmul_peak(tmp_path):
     out = tmp_path / "step.json"
-    assert main(["bench", "step", *TINY_BENCH, "--formats", "channels_last", "--repeats", "2", "--steps", "1",
-                 "--warmup", "1", "--matmul-size", "256", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "step",
+                *TINY_BENCH,
+                "--formats",
+                "channels_last",
+                "--repeats",
+                "2",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--matmul-size",
+                "256",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = _read(out)
     peak = results["matmul_peak"]["fp32"]["flops_per_s"]["max"]
     [row] = results["rows"]
@@ -149,14 +179,50 @@ def test_train_split_finds_planted_data_wait_compute_and_communication(tmp_path,
     driver = tmp_path / "driver.py"
     driver.write_text(SPLIT_DRIVER)
     out = tmp_path / "train.json"
-    args = ["bench", "train", *TINY_BENCH, "data.image_size=16", f"train.grad_accum_steps={accum}",
-            "--warmup", "1", "--steps", "3", "--out", str(out)]
-    launch = [sys.executable] if world == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    args = [
+        "bench",
+        "train",
+        *TINY_BENCH,
+        "data.image_size=16",
+        f"train.grad_accum_steps={accum}",
+        "--warmup",
+        "1",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+    ]
+    launch = (
+        [sys.executable]
+        if world == 1
+        else [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(world),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+        ]
+    )
     # PYTHONPATH: the driver lives in tmp_path, and must import this checkout's flowers_dist.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PLANT_LOAD_S": str(load),
-           "PLANT_COMPUTE_S": str(compute), "PLANT_COMM_S": str(comm), "PLANT_OUT": str(tmp_path / "extra")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "PLANT_LOAD_S": str(load),
+        "PLANT_COMPUTE_S": str(compute),
+        "PLANT_COMM_S": str(comm),
+        "PLANT_OUT": str(tmp_path / "extra"),
+    }
     proc = subprocess.run([*launch, str(driver), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = _read(out)
@@ -185,7 +251,9 @@ def test_train_split_finds_planted_data_wait_compute_and_communication(tmp_path,
 @pytest.mark.e2e
 def test_scaling_mode_runs_train_on_one_and_two_processes(tmp_path):
     out = tmp_path / "scaling.json"
-    proc = cli(["bench", "scaling", *TINY_BENCH, "--max-processes", "2", "--warmup", "1", "--steps", "3", "--out", str(out)])
+    proc = cli(
+        ["bench", "scaling", *TINY_BENCH, "--max-processes", "2", "--warmup", "1", "--steps", "3", "--out", str(out)]
+    )
     assert "efficiency" in proc.stdout
     results = _read(out)
     assert [r["processes"] for r in results["rows"]] == [1, 2]
@@ -204,7 +272,22 @@ def test_scaling_mode_runs_train_on_one_and_two_processes(tmp_path):
 def test_startup_mode_times_a_fresh_process_to_its_first_step(tmp_path):
     out = tmp_path / "startup.json"
     started = time.perf_counter()
-    assert main(["bench", "startup", *TINY_BENCH, "data.loader=torch", "data.num_workers=0", "--repeats", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "startup",
+                *TINY_BENCH,
+                "data.loader=torch",
+                "data.num_workers=0",
+                "--repeats",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     wall = time.perf_counter() - started
     results = _read(out)
     first, imports = results["time_to_first_step_s"], results["import_s"]

@@ -36,13 +36,16 @@ def _cfg(*overrides):
     return config.load(None, ["model.channels_last=true", *overrides])
 
 
-@pytest.mark.parametrize("flags, speedup, bf16", [
-    (("amx_bf16", "avx512_bf16"), 1.64, True),   # a Xeon with AMX, measured faster: advise it
-    (("amx_bf16",), 1.02, False),                # faster within noise
-    (("avx512_bf16",), 0.8, False),              # the instructions, yet slower here
-    ((), 1.64, False),                           # no bf16 instructions: never, whatever one measurement says
-    (("amx_bf16",), None, False),                # not measured
-])
+@pytest.mark.parametrize(
+    "flags, speedup, bf16",
+    [
+        (("amx_bf16", "avx512_bf16"), 1.64, True),  # a Xeon with AMX, measured faster: advise it
+        (("amx_bf16",), 1.02, False),  # faster within noise
+        (("avx512_bf16",), 0.8, False),  # the instructions, yet slower here
+        ((), 1.64, False),  # no bf16 instructions: never, whatever one measurement says
+        (("amx_bf16",), None, False),  # not measured
+    ],
+)
 def test_cpu_bf16_is_advised_only_with_the_flags_and_a_faster_measurement(flags, speedup, bf16):
     said = advice(_cfg(), CPU, "compute", bf16_speedup=speedup, cpu_flags=flags)
     assert ("bf16" in said) is bf16, said

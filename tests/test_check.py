@@ -6,20 +6,27 @@ import shutil
 from pathlib import Path
 
 import pytest
+from broken_files import broken_dataset
+from conftest import SAMPLE, cli
 
 from flowers_dist.config import DataConfig
 from flowers_dist.data.check import check_dataset
 from flowers_dist.data.usable import usable_splits
 
-from broken_files import broken_dataset
-from conftest import SAMPLE, cli
-
 # The kind data check must give each generated file (see broken_files.broken_files).
 EXPECTED = {
-    "zz_truncated.jpg": "truncated", "zz_zero_bytes.jpg": "zero_bytes", "zz_text.jpg": "not_image",
-    "zz_png_named.jpg": "not_jpeg", "zz_cmyk.jpg": "cmyk", "zz_grayscale.jpg": "grayscale",
-    "zz_progressive.jpg": "progressive", "zz_exif_rotated.jpg": "exif_orientation", "zz_one_pixel.jpg": "too_small",
-    "zz_huge.jpg": "too_large", "zz_garbled.jpg": "unreadable", "zz_symlink_loop.jpg": "unreadable",
+    "zz_truncated.jpg": "truncated",
+    "zz_zero_bytes.jpg": "zero_bytes",
+    "zz_text.jpg": "not_image",
+    "zz_png_named.jpg": "not_jpeg",
+    "zz_cmyk.jpg": "cmyk",
+    "zz_grayscale.jpg": "grayscale",
+    "zz_progressive.jpg": "progressive",
+    "zz_exif_rotated.jpg": "exif_orientation",
+    "zz_one_pixel.jpg": "too_small",
+    "zz_huge.jpg": "too_large",
+    "zz_garbled.jpg": "unreadable",
+    "zz_symlink_loop.jpg": "unreadable",
 }
 SKIPPED_KINDS = {"truncated", "zero_bytes", "not_image", "too_small", "too_large", "unreadable"}
 
@@ -53,7 +60,7 @@ def test_data_check_names_each_kind_and_exits_1(broken, tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     kinds = {(Path(f["path"]).parent.parent.name, Path(f["path"]).name): f["kind"] for f in report["files"]}
-    for split, folder in (("train", "daisy"), ("val", "roses")):
+    for split, _folder in (("train", "daisy"), ("val", "roses")):
         for name, kind in EXPECTED.items():
             assert kinds[(split, name)] == kind, (split, name, kinds.get((split, name)))
     assert kinds[("train", "zz_copy.jpg")] == "duplicate"
@@ -94,8 +101,9 @@ def test_quarantine_moves_and_restore_puts_back(broken, tmp_path):
     proc = cli(["data", "check", str(broken), "--quarantine", str(q)], check=False)
     assert proc.returncode == 0, proc.stdout  # what is left in the data set is clean
     moved = json.loads((q / "manifest.json").read_text())["moved"]
-    assert sorted(Path(m["from"]).name for m in moved if Path(m["from"]).parent.name == "daisy") == \
-        sorted(n for n, k in EXPECTED.items() if k in SKIPPED_KINDS)
+    assert sorted(Path(m["from"]).name for m in moved if Path(m["from"]).parent.name == "daisy") == sorted(
+        n for n, k in EXPECTED.items() if k in SKIPPED_KINDS
+    )
     assert not os.path.lexists(broken / "train" / "daisy" / "zz_truncated.jpg")
     assert (q / "train" / "daisy" / "zz_symlink_loop.jpg").is_symlink()  # the link itself, not a copy
     assert cli(["data", "check", str(broken)], check=False).returncode == 0
@@ -142,12 +150,14 @@ def test_decoders_do_what_the_table_says(tmp_path):
     """DALI's CPU decoder on each generated file: the kept kinds decode to PIL's pixels, the skipped ones fail."""
     pytest.importorskip("nvidia.dali")
     import numpy as np
+    from broken_files import write_broken
     from nvidia.dali import fn, pipeline_def, types
 
-    from broken_files import write_broken
     from flowers_dist.data.torch_loader import load_rgb
 
-    photo = next(p for p in sorted((SAMPLE / "train" / "daisy").iterdir()) if load_rgb(p).size[0] != load_rgb(p).size[1])
+    photo = next(
+        p for p in sorted((SAMPLE / "train" / "daisy").iterdir()) if load_rgb(p).size[0] != load_rgb(p).size[1]
+    )
     files = {p.name: p for p in write_broken(tmp_path, photo)}
 
     def dali(path):
@@ -155,6 +165,7 @@ def test_decoders_do_what_the_table_says(tmp_path):
         def pipe():
             jpegs, _ = fn.readers.file(files=[str(path)])
             return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+
         p = pipe()
         p.build()
         return np.array(p.run()[0][0])
@@ -239,25 +250,33 @@ def test_data_check_names_images_outside_class_folders(tmp_path):
     report = check_dataset(root, DataConfig(check_cache=str(tmp_path / "cache.json")), workers=1)
     assert report.exit_code == 1
     assert [(s, p.path, p.kind) for s, p in report.skipped()] == [
-        ("train", str(strays[0]), "outside_class_folders"), ("val", str(strays[1]), "outside_class_folders")]
+        ("train", str(strays[0]), "outside_class_folders"),
+        ("val", str(strays[1]), "outside_class_folders"),
+    ]
     text = report.format()
     assert "train/stray.jpg: outside_class_folders: directly in train/, outside any class folder" in text
     assert "  outside_class_folders: neither loader reads it" in text and "exit 1" in text
     assert {f["path"] for f in report.to_dict()["files"]} == {str(s) for s in strays}
     assert report.to_dict()["classes"] == clean.to_dict()["classes"]  # the classes' files are as before
     # A folder of class folders, as eval reads it, is one split: a photo beside the class folders is named too.
-    assert [p.path for _, p in check_dataset(root / "val", DataConfig(check_cache=str(tmp_path / "v.json")), workers=1).skipped()] \
-        == [str(strays[1])]
+    assert [
+        p.path
+        for _, p in check_dataset(root / "val", DataConfig(check_cache=str(tmp_path / "v.json")), workers=1).skipped()
+    ] == [str(strays[1])]
 
 
 @pytest.mark.parametrize("check", [True, False])
 def test_training_counts_images_outside_class_folders(tmp_path, caplog, check):
     root, strays = _with_strays(tmp_path)
-    train, val, skipped = usable_splits(DataConfig(root=str(root), check=check, check_cache=str(tmp_path / "cache.json")))
+    train, val, skipped = usable_splits(
+        DataConfig(root=str(root), check=check, check_cache=str(tmp_path / "cache.json"))
+    )
     assert (len(train), len(val)) == (40, 23) and not set(strays) & {*train.files, *val.files}
     assert skipped.count == 2 and skipped.by_kind == {"outside_class_folders": 2}
     assert [p for p, _, _ in skipped.files] == [str(s) for s in strays]
     assert skipped.record()["skipped_by_kind"] == {"outside_class_folders": 2}
     line = skipped.line()
-    assert ("2 file(s) skipped (2 outside_class_folders)" if check else "2 file(s) outside class folders skipped") in line
+    assert (
+        "2 file(s) skipped (2 outside_class_folders)" if check else "2 file(s) outside class folders skipped"
+    ) in line
     assert sum(str(strays[0]) in r.getMessage() for r in caplog.records) == 1  # named once in the log

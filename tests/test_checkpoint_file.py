@@ -12,7 +12,11 @@ from flowers_dist.errors import CheckpointError
 def test_a_written_file_reads_back_and_names_its_framing(tmp_path):
     state = {"format": checkpoint_file.FORMAT, "model": {"w": torch.arange(4.0)}}
     checkpoint_file.atomic_save(state, tmp_path / "last.pt")
-    assert (tmp_path / "last.pt").read_bytes().startswith(f"flowers-dist-checkpoint {checkpoint_file.FRAMING} sha256=".encode())
+    assert (
+        (tmp_path / "last.pt")
+        .read_bytes()
+        .startswith(f"flowers-dist-checkpoint {checkpoint_file.FRAMING} sha256=".encode())
+    )
     assert torch.equal(checkpoint_file.load(tmp_path / "last.pt")["model"]["w"], torch.arange(4.0))
 
 
@@ -21,12 +25,17 @@ def test_a_headerless_file_fails_verification_in_one_line(tmp_path):
     buffer = io.BytesIO()
     torch.save({"format": checkpoint_file.FORMAT, "model": {}}, buffer)
     (tmp_path / "old.pt").write_bytes(buffer.getvalue())
-    with pytest.raises(CheckpointError, match=r"^checkpoint .*old.pt is not a flowers-dist checkpoint "
-                                              r"\(no 'flowers-dist-checkpoint 2' header\)$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^checkpoint .*old.pt is not a flowers-dist checkpoint "
+        r"\(no 'flowers-dist-checkpoint 2' header\)$",
+    ):
         checkpoint_file.load(tmp_path / "old.pt")
 
 
 def test_another_state_format_is_refused(tmp_path):
     checkpoint_file.atomic_save({"format": checkpoint_file.FORMAT + 1}, tmp_path / "next.pt")
-    with pytest.raises(CheckpointError, match=rf"is not a flowers-dist checkpoint \(state format {checkpoint_file.FORMAT}\)$"):
+    with pytest.raises(
+        CheckpointError, match=rf"is not a flowers-dist checkpoint \(state format {checkpoint_file.FORMAT}\)$"
+    ):
         checkpoint_file.load(tmp_path / "next.pt")

@@ -3,17 +3,22 @@ import typing
 from pathlib import Path
 
 import pytest
+from conftest import REPO, cli
 
 from flowers_dist import config
 from flowers_dist.config import ConfigError
-
-from conftest import REPO, cli
 
 
 def test_reference_recipe_is_exactly_the_recipe():
     cfg = config.load(REPO / "configs" / "flowers_resnet18.yaml")
     assert cfg.model.name.split(".")[0] == "resnet18" and cfg.model.pretrained == "imagenet"
-    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.schedule, cfg.optim.step_size, cfg.optim.gamma) == (1e-3, 0.9, "step", 7, 0.1)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.schedule, cfg.optim.step_size, cfg.optim.gamma) == (
+        1e-3,
+        0.9,
+        "step",
+        7,
+        0.1,
+    )
     assert cfg.train.epochs == 25
     assert cfg.data.image_size == 224 and cfg.data.eval_resize == 256
     assert cfg.data.mean == (0.485, 0.456, 0.406) and cfg.data.std == (0.229, 0.224, 0.225)
@@ -35,23 +40,29 @@ def test_unknown_key_names_the_key(tmp_path: Path):
         config.load(None, ["trian.epochs=3"])
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lr=-1", "optim.lr"),
-    ("optim.lr=fast", "optim.lr"),
-    ("train.epochs=2.5", "train.epochs"),
-    ("train.mixed_precision=fp8", "train.mixed_precision"),
-    ("data.scale=[0.5]", "data.scale"),
-    ("data.hflip=1.5", "data.hflip"),
-    ("data.hw_decoder_load=1.2", "data.hw_decoder_load"),
-    ("model.channels_last=maybe", "model.channels_last"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=fast", "optim.lr"),
+        ("train.epochs=2.5", "train.epochs"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("data.scale=[0.5]", "data.scale"),
+        ("data.hflip=1.5", "data.hflip"),
+        ("data.hw_decoder_load=1.2", "data.hw_decoder_load"),
+        ("model.channels_last=maybe", "model.channels_last"),
+    ],
+)
 def test_bad_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"'{key}'"):
         config.load(None, [override])
 
 
 def test_overrides_apply_and_round_trip(tmp_path: Path):
-    cfg = config.load(REPO / "configs" / "flowers_resnet18.yaml", ["optim.lr=0.01", "train.epochs=3", "data.scale=[0.2, 1]", "train.name=x"])
+    cfg = config.load(
+        REPO / "configs" / "flowers_resnet18.yaml",
+        ["optim.lr=0.01", "train.epochs=3", "data.scale=[0.2, 1]", "train.name=x"],
+    )
     assert cfg.optim.lr == 0.01 and cfg.train.epochs == 3 and cfg.data.scale == (0.2, 1.0) and cfg.train.name == "x"
     assert cfg.optim.momentum == 0.9  # untouched keys keep the file's values
     config.dump(cfg, tmp_path / "c.yaml")
@@ -74,10 +85,17 @@ def test_cli_reports_config_errors_in_one_line():
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("global_batch, micro, accum, world, split", [
-    (32, 0, 0, 1, (32, 1)), (32, 0, 0, 8, (4, 1)), (32, 0, 2, 2, (8, 2)),
-    (256, 32, 0, 8, (32, 1)), (1024, 32, 0, 8, (32, 4)), (64, 8, 4, 2, (8, 4)),
-])
+@pytest.mark.parametrize(
+    "global_batch, micro, accum, world, split",
+    [
+        (32, 0, 0, 1, (32, 1)),
+        (32, 0, 0, 8, (4, 1)),
+        (32, 0, 2, 2, (8, 2)),
+        (256, 32, 0, 8, (32, 1)),
+        (1024, 32, 0, 8, (32, 4)),
+        (64, 8, 4, 2, (8, 4)),
+    ],
+)
 def test_global_batch_is_micro_times_processes_times_accumulation(global_batch, micro, accum, world, split):
     cfg = config.TrainConfig(global_batch_size=global_batch, micro_batch_size=micro, grad_accum_steps=accum)
     cfg.validate()
@@ -85,24 +103,48 @@ def test_global_batch_is_micro_times_processes_times_accumulation(global_batch, 
     assert split[0] * world * split[1] == global_batch
 
 
-@pytest.mark.parametrize("overrides, world, message", [
-    (["train.global_batch_size=32"], 3, r"'train.global_batch_size': 32 does not split evenly over 3 processes x train.grad_accum_steps 1$"),
-    (["train.global_batch_size=32", "train.grad_accum_steps=3"], 1, r"'train.global_batch_size': 32 does not split"),
-    (["train.global_batch_size=96", "train.micro_batch_size=16"], 4, r"'train.micro_batch_size': 16 x 4 processes does not divide"),
-    (["train.global_batch_size=64", "train.micro_batch_size=8", "train.grad_accum_steps=2"], 2,
-     r"'train.global_batch_size': 64 != train.micro_batch_size 8 x 2 processes x train.grad_accum_steps 2$"),
-])
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (
+            ["train.global_batch_size=32"],
+            3,
+            r"'train.global_batch_size': 32 does not split evenly over 3 processes x train.grad_accum_steps 1$",
+        ),
+        (
+            ["train.global_batch_size=32", "train.grad_accum_steps=3"],
+            1,
+            r"'train.global_batch_size': 32 does not split",
+        ),
+        (
+            ["train.global_batch_size=96", "train.micro_batch_size=16"],
+            4,
+            r"'train.micro_batch_size': 16 x 4 processes does not divide",
+        ),
+        (
+            ["train.global_batch_size=64", "train.micro_batch_size=8", "train.grad_accum_steps=2"],
+            2,
+            r"'train.global_batch_size': 64 != train.micro_batch_size 8 x 2 processes x train.grad_accum_steps 2$",
+        ),
+    ],
+)
 def test_batch_split_errors_name_the_key(overrides, world, message):
     cfg = config.load(None, overrides)
     with pytest.raises(ConfigError, match=message):
         cfg.train.batch_split(world)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.sync_bn=always", "model.sync_bn"), ("optim.lr_scaling=sqrt", "optim.lr_scaling"),
-    ("optim.reference_batch_size=0", "optim.reference_batch_size"), ("optim.warmup_steps=-1", "optim.warmup_steps"),
-    ("train.grad_accum_steps=-2", "train.grad_accum_steps"), ("train.micro_batch_size=-1", "train.micro_batch_size"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.sync_bn=always", "model.sync_bn"),
+        ("optim.lr_scaling=sqrt", "optim.lr_scaling"),
+        ("optim.reference_batch_size=0", "optim.reference_batch_size"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps"),
+        ("train.grad_accum_steps=-2", "train.grad_accum_steps"),
+        ("train.micro_batch_size=-1", "train.micro_batch_size"),
+    ],
+)
 def test_scale_keys_are_checked(override, key):
     with pytest.raises(ConfigError, match=rf"'{key}'"):
         config.load(None, [override])
@@ -153,8 +195,19 @@ def test_every_choice_is_accepted_as_typed(tmp_path, key, choice):
     assert config.load(tmp_path / "back.yaml") == cfg
 
 
-@pytest.mark.parametrize("typed, value", [("true", True), ("false", False), ("yes", True), ("no", False), ("on", True),
-                                          ("off", False), ("True", True), ("OFF", False)])
+@pytest.mark.parametrize(
+    "typed, value",
+    [
+        ("true", True),
+        ("false", False),
+        ("yes", True),
+        ("no", False),
+        ("on", True),
+        ("off", False),
+        ("True", True),
+        ("OFF", False),
+    ],
+)
 def test_boolean_keys_take_yaml_1_1_spellings(tmp_path, typed, value):
     assert config.load(None, [f"model.channels_last={typed}"]).model.channels_last is value
     (tmp_path / "c.yaml").write_text(f"data:\n  check: {typed}\n")

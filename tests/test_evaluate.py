@@ -18,7 +18,7 @@ class FirstColumns(nn.Module):
 
 
 def _batches(logits: torch.Tensor, labels: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(logits[i:i + size], labels[i:i + size]) for i in range(0, len(labels), size)]
+    return [(logits[i : i + size], labels[i : i + size]) for i in range(0, len(labels), size)]
 
 
 def test_counts_loss_and_confusion_match_a_count_by_hand():
@@ -39,8 +39,10 @@ def test_counts_loss_and_confusion_match_a_count_by_hand():
     assert one.per_class_accuracy() == [expected[i][i] / sum(expected[i]) for i in range(CLASSES)]
 
     # Two processes, each with every other sample, summed once: the same numbers.
-    shards = [local_counts(FirstColumns(), _batches(logits[r::2], labels[r::2], 4), CLASSES, torch.device("cpu")) for r in (0, 1)]
+    shards = [
+        local_counts(FirstColumns(), _batches(logits[r::2], labels[r::2], 4), CLASSES, torch.device("cpu"))
+        for r in (0, 1)
+    ]
     two = EvalResult.from_counts(shards[0] + shards[1], CLASSES)
     assert (two.count, two.correct, two.confusion) == (one.count, one.correct, one.confusion)
     assert two.loss == pytest.approx(one.loss, rel=1e-6)  # float32 losses summed in another order
-

@@ -10,12 +10,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE, cli, local_server
 
 from flowers_dist.data.fetch import COMPLETE, FetchError, fetch_flowers, sha256_of, stratified_split
 from flowers_dist.data.folder import scan_dataset
-
-from conftest import SAMPLE, cli, local_server
-
 
 
 def _sample_files() -> dict[str, dict[str, Path]]:
@@ -28,10 +26,18 @@ def _sample_files() -> dict[str, dict[str, Path]]:
 
 def _make_archive(target: Path, by_class: dict[str, dict[str, Path]]) -> str:
     """Write flower_photos.tgz laid out like TensorFlow's (flower_photos/<class>/*.jpg + LICENSE.txt); return its sha256."""
-    lines = ["All images in this archive are licensed under the Creative Commons By-Attribution License, available at:",
-             "https://creativecommons.org/licenses/by/2.0/", "",
-             "The photographers are listed below, thanks to all of them for making their work available.", ""]
-    lines += [f"{name}/{f}: https://www.flickr.com/photos/example/{f.split('_')[0]}" for name, files in by_class.items() for f in files]
+    lines = [
+        "All images in this archive are licensed under the Creative Commons By-Attribution License, available at:",
+        "https://creativecommons.org/licenses/by/2.0/",
+        "",
+        "The photographers are listed below, thanks to all of them for making their work available.",
+        "",
+    ]
+    lines += [
+        f"{name}/{f}: https://www.flickr.com/photos/example/{f.split('_')[0]}"
+        for name, files in by_class.items()
+        for f in files
+    ]
     with tarfile.open(target, "w:gz") as tar:
         license_bytes = ("\n".join(lines) + "\n").encode()
         info = tarfile.TarInfo("flower_photos/LICENSE.txt")
@@ -96,8 +102,16 @@ def test_fetch_writes_a_stratified_deterministic_split(served, tmp_path):
     assert (a / COMPLETE).read_text().strip() == sha
     record = json.loads((a / "split.json").read_text())
     assert record["sha256"] == sha and record["seed"] == 0 and record["val_fraction"] == 0.2
-    assert {part: {k: set(v) for k, v in classes.items()} for part, classes in record["split"].items()} == {"train": train, "val": val}
-    assert sorted(p.name for p in a.iterdir()) == [COMPLETE, "split.json", "train", "val"]  # no archive, staging or LICENSE
+    assert {part: {k: set(v) for k, v in classes.items()} for part, classes in record["split"].items()} == {
+        "train": train,
+        "val": val,
+    }
+    assert sorted(p.name for p in a.iterdir()) == [
+        COMPLETE,
+        "split.json",
+        "train",
+        "val",
+    ]  # no archive, staging or LICENSE
     train_split, val_split = scan_dataset(a)  # what `train` will read
     assert len(train_split) + len(val_split) == sum(len(f) for f in by_class.values())
 
@@ -131,7 +145,9 @@ def test_wrong_checksum_fails_and_leaves_nothing(served, tmp_path):
 
 def test_http_404_is_a_clear_error(served, tmp_path):
     base, sha, _ = served
-    with pytest.raises(FetchError, match=r"^download of http://127\.0\.0\.1:\d+/missing\.tgz failed: HTTP Error 404") as info:
+    with pytest.raises(
+        FetchError, match=r"^download of http://127\.0\.0\.1:\d+/missing\.tgz failed: HTTP Error 404"
+    ) as info:
         fetch_flowers(tmp_path / "d", url=f"{base}/missing.tgz", sha256=sha, progress=False)
     assert "\n" not in str(info.value)
     _assert_nothing_made(tmp_path / "d")
@@ -190,7 +206,9 @@ def test_cli(served, tmp_path):
     bad = cli([*args, "--sha256", "0" * 64], timeout=120, check=False)
     assert bad.returncode == 2, bad.stderr
     lines = bad.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("flowers-dist: error: checksum mismatch for http://127.0.0.1:"), bad.stderr
+    assert len(lines) == 1 and lines[0].startswith("flowers-dist: error: checksum mismatch for http://127.0.0.1:"), (
+        bad.stderr
+    )
     _assert_nothing_made(tmp_path / "d")
 
     good = cli([*args, "--sha256", sha, "--seed", "0"], timeout=120)

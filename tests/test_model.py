@@ -10,11 +10,10 @@ import safetensors.torch
 import timm
 import torch
 import torchvision
+from conftest import local_server
 
 from flowers_dist.config import ConfigError, ModelConfig
 from flowers_dist.model import WeightsError, build_model
-
-from conftest import local_server
 
 
 def _check_backbone_equal(model, source_state):
@@ -70,7 +69,9 @@ def test_channels_last_and_unknown_model():
 
 def test_zero_init_last_sets_the_last_batchnorm_of_every_residual_block():
     def last_bn_weights(model):
-        return [block.bn2.weight for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
+        return [
+            block.bn2.weight for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer
+        ]
 
     timm_default = build_model(ModelConfig(name="resnet18", pretrained="none"), 5)
     assert all(torch.count_nonzero(w) == 0 for w in last_bn_weights(timm_default))
@@ -120,13 +121,19 @@ def test_imagenet_weights_download_through_the_hub_client_and_then_come_from_the
     # The real download path (timm -> huggingface_hub) against a local server standing in for the
     # hub, named by HF_ENDPOINT as a mirror would be; then the same build with the server gone.
     reference = timm.create_model("resnet18", num_classes=1000)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "w.safetensors")
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "w.safetensors"
+    )
     torch.save(reference.state_dict(), tmp_path / "reference.pt")
-    _HubFiles.files = {"/timm/resnet18.tv_in1k/resolve/main/model.safetensors": (tmp_path / "w.safetensors").read_bytes()}
+    _HubFiles.files = {
+        "/timm/resnet18.tv_in1k/resolve/main/model.safetensors": (tmp_path / "w.safetensors").read_bytes()
+    }
     _HubFiles.seen = []
-    code = (f"import torch; from flowers_dist.config import ModelConfig; from flowers_dist.model import build_model; "
-            f"m = build_model(ModelConfig(name='resnet18.tv_in1k', pretrained='imagenet'), 5); "
-            f"torch.save(m.state_dict(), {str(tmp_path / 'built.pt')!r})")
+    code = (
+        f"import torch; from flowers_dist.config import ModelConfig; from flowers_dist.model import build_model; "
+        f"m = build_model(ModelConfig(name='resnet18.tv_in1k', pretrained='imagenet'), 5); "
+        f"torch.save(m.state_dict(), {str(tmp_path / 'built.pt')!r})"
+    )
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env["HF_HOME"] = str(tmp_path / "hf")
     reference = torch.load(tmp_path / "reference.pt")

@@ -14,19 +14,36 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import (
+    TINY,
+    assert_same_final_weights,
+    assert_whole_lines,
+    cli,
+    inside_epoch,
+    last_checkpoint,
+    metrics,
+    position,
+)
+from procs import alive, disposition, kill, launch, stopped_at, wait_for, workers
 
 from flowers_dist import checkpoint_file
 from flowers_dist.data import dali_status
 from flowers_dist.errors import EXIT_DISK, EXIT_HUNG, EXIT_PREEMPTED
 
-from conftest import TINY, assert_same_final_weights, assert_whole_lines, cli, inside_epoch, last_checkpoint, metrics, position
-from procs import alive, disposition, kill, launch, stopped_at, wait_for, workers
-
 # Five steps per epoch, agreement on every step, so that a signal lands mid-epoch and is acted on at the next step.
 STEPS = 5
 # timm's test_resnet (0.4 M parameters, BatchNorm like ResNet-18): checkpoints of 3 MB instead of 90 MB.
-RUN = ["train", "--config", "configs/quickstart.yaml", *TINY, "model.name=test_resnet", f"train.max_steps_per_epoch={STEPS}", "train.epochs=2",
-       "train.log_every=1", "train.stop_check_every=1"]
+RUN = [
+    "train",
+    "--config",
+    "configs/quickstart.yaml",
+    *TINY,
+    "model.name=test_resnet",
+    f"train.max_steps_per_epoch={STEPS}",
+    "train.epochs=2",
+    "train.log_every=1",
+    "train.stop_check_every=1",
+]
 
 
 def _started(records: list[dict]) -> bool:
@@ -58,8 +75,16 @@ def _step_in_epoch(records, epoch: int, at_least: int) -> bool:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("loader, accum", [("torch", 1), *[pytest.param("dali", k, marks=pytest.mark.skipif(
-    not dali_status()[0], reason="DALI not installed")) for k in (1, 2)]])
+@pytest.mark.parametrize(
+    "loader, accum",
+    [
+        ("torch", 1),
+        *[
+            pytest.param("dali", k, marks=pytest.mark.skipif(not dali_status()[0], reason="DALI not installed"))
+            for k in (1, 2)
+        ],
+    ],
+)
 def test_a_signal_mid_epoch_checkpoints_and_the_resume_is_bit_identical(tmp_path, loader, accum):
     # Inside the last epoch, after a whole epoch of DALI's reader (with accumulation, the same one pipeline:
     # its reader state is what the resume restores).
@@ -95,15 +120,23 @@ def test_a_signal_during_evaluation_stops_at_the_epochs_end_or_lets_the_last_epo
     # stop checkpoint (exit 75, resume at the next epoch's start); after the last epoch there is nothing left to
     # resume, so the run ends as usual (exit 0) instead of asking for a requeue. The quickstart's 120 val photos,
     # one per batch, make evaluation (about 50 ms here) many of the test's slices long.
-    run = [*RUN, "data.loader=torch", "data.root=data/flowers_quickstart", "train.eval_batch_size=1",
-           f"train.output_dir={tmp_path}", "train.name=eval"]
+    run = [
+        *RUN,
+        "data.loader=torch",
+        "data.root=data/flowers_quickstart",
+        "train.eval_batch_size=1",
+        f"train.output_dir={tmp_path}",
+        "train.name=eval",
+    ]
     proc, tag = launch(run)
     try:
         wait_for(tmp_path / "eval", _started, proc)
 
         def evaluating() -> bool:  # the epoch's last step done, its record (written after evaluation) not yet
             done = _position(tmp_path / "eval", proc) == (epoch, STEPS)
-            assert not any(r["event"] == "epoch" and r["epoch"] == epoch for r in metrics(tmp_path / "eval")), "evaluation passed unseen"
+            assert not any(r["event"] == "epoch" and r["epoch"] == epoch for r in metrics(tmp_path / "eval")), (
+                "evaluation passed unseen"
+            )
             return done
 
         with stopped_at([proc.pid], evaluating):
@@ -164,8 +197,15 @@ def test_sigterm_to_one_of_two_ranks_stops_both_and_the_resume_is_bit_identical(
 @pytest.mark.e2e
 def test_a_stopped_rank_ends_every_process_within_the_timeouts(tmp_path):
     timeout = 5
-    run = [*RUN, "data.loader=torch", "train.epochs=50", f"train.output_dir={tmp_path}", "train.name=hang",
-           f"train.collective_timeout={timeout}", f"train.watchdog={2 * timeout}"]
+    run = [
+        *RUN,
+        "data.loader=torch",
+        "train.epochs=50",
+        f"train.output_dir={tmp_path}",
+        "train.name=hang",
+        f"train.collective_timeout={timeout}",
+        f"train.watchdog={2 * timeout}",
+    ]
     proc, tag = launch(run, nprocs=2)
     try:
         wait_for(tmp_path / "hang", lambda r: _step_in_epoch(r, 0, 2), proc)
@@ -186,7 +226,14 @@ def test_a_stopped_rank_ends_every_process_within_the_timeouts(tmp_path):
 
 @pytest.mark.e2e
 def test_two_runs_with_one_name_started_together_one_refuses(tmp_path):
-    run = [*RUN, "data.loader=torch", "train.epochs=1", "train.max_steps_per_epoch=2", f"train.output_dir={tmp_path}", "train.name=same"]
+    run = [
+        *RUN,
+        "data.loader=torch",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+        f"train.output_dir={tmp_path}",
+        "train.name=same",
+    ]
     first, _ = launch(run)
     second, _ = launch(run)
     results = []
@@ -248,7 +295,9 @@ def small_tmpfs(tmp_path):
     """A real tmpfs of a few MiB (root only), too small for a test_resnet checkpoint (3 MB with momentum)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
     try:
@@ -259,7 +308,14 @@ def small_tmpfs(tmp_path):
 
 @pytest.mark.e2e
 def test_a_full_disk_during_the_first_checkpoint_is_one_line_and_the_folder_starts_again(small_tmpfs):
-    run = [*RUN, "data.loader=torch", "train.epochs=1", "train.max_steps_per_epoch=2", f"train.output_dir={small_tmpfs}", "train.name=full"]
+    run = [
+        *RUN,
+        "data.loader=torch",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+        f"train.output_dir={small_tmpfs}",
+        "train.name=full",
+    ]
     proc = cli(run, check=False)
     assert proc.returncode == EXIT_DISK, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("flowers-dist: error:")]
@@ -307,8 +363,15 @@ def test_a_metrics_line_is_never_half_written_and_a_torn_one_is_dropped(small_tm
 @pytest.mark.e2e
 def test_torchrun_restarts_a_killed_rank_and_the_run_completes_from_its_checkpoint(tmp_path):
     # collective_timeout bounds the restarted attempt's init_process_group too (see below).
-    run = [*RUN, "data.loader=torch", "train.epochs=6", "train.checkpoint_every_steps=2", "train.collective_timeout=30",
-           f"train.output_dir={tmp_path}", "train.name=elastic"]
+    run = [
+        *RUN,
+        "data.loader=torch",
+        "train.epochs=6",
+        "train.checkpoint_every_steps=2",
+        "train.collective_timeout=30",
+        f"train.output_dir={tmp_path}",
+        "train.name=elastic",
+    ]
     proc, tag = launch(run, nprocs=2, launcher="torchrun")
     try:
         wait_for(tmp_path / "elastic", lambda r: _step_in_epoch(r, 0, 4), proc)
@@ -340,8 +403,14 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_completes_from_its_checkpoi
 @pytest.mark.e2e
 def test_time_based_checkpoints_land_mid_epoch_and_only_the_newest_are_kept(tmp_path):
     # 0.0001 minutes: due at every agreement (every step here), decided by the main process's clock.
-    run = [*RUN, "data.loader=torch", "train.checkpoint_every_minutes=0.0001", "train.keep_checkpoints=3",
-           f"train.output_dir={tmp_path}", "train.name=timed"]
+    run = [
+        *RUN,
+        "data.loader=torch",
+        "train.checkpoint_every_minutes=0.0001",
+        "train.keep_checkpoints=3",
+        f"train.output_dir={tmp_path}",
+        "train.name=timed",
+    ]
     cli(run)
     ck = tmp_path / "timed" / "checkpoints"
     kept = sorted(p.name for p in ck.glob("step-*.pt"))

@@ -7,14 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SAMPLE, SHARED_FLOWERS, TINY, cli, metrics
 from PIL import Image
 
 from flowers_dist import checkpoint_file, config
 from flowers_dist.config import ModelConfig
 from flowers_dist.model import build_model
-
-from conftest import REPO, SAMPLE, SHARED_FLOWERS, TINY, cli, metrics
-
 
 QUICKSTART_DATA = REPO / "data" / "flowers_quickstart"
 
@@ -25,8 +23,11 @@ def test_readme_quickstart_learns(tmp_path):
     assert "flowers-dist train --config configs/quickstart.yaml" in readme
     # One thread: about 50 CPU-seconds in all; two threads on cores other jobs keep busy spin in
     # OpenMP barriers and took 8 minutes an epoch here (the user's command keeps torch's default).
-    proc = cli(["train", "--config", "configs/quickstart.yaml", f"train.output_dir={tmp_path}", "train.name=qs"],
-               env={"OMP_NUM_THREADS": "1"}, timeout=1800)
+    proc = cli(
+        ["train", "--config", "configs/quickstart.yaml", f"train.output_dir={tmp_path}", "train.name=qs"],
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=1800,
+    )
     assert "best val accuracy" in proc.stdout
     run = tmp_path / "qs"
     records = metrics(run)
@@ -55,7 +56,9 @@ def test_quickstart_sample_is_small_and_regenerates_from_the_full_set(tmp_path):
     if not (SHARED_FLOWERS / "train").is_dir():
         pytest.skip("the full flower_photos set is not at ../shared/flowers")
     out = tmp_path / "sample"
-    subprocess.run([sys.executable, str(REPO / "data" / "make_sample.py"), str(SHARED_FLOWERS), str(out)], check=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(REPO / "data" / "make_sample.py"), str(SHARED_FLOWERS), str(out)], check=True, timeout=600
+    )
     # The same source files (by SHA-256 of their bytes) and the same image sizes; the JPEG bytes
     # themselves may differ with the Pillow / libjpeg version.
     assert (out / "FILES.txt").read_text() == (QUICKSTART_DATA / "FILES.txt").read_text()
@@ -87,8 +90,10 @@ def test_eval_and_predict_commands(trained_run, tmp_path):
 
 def test_help_and_data_fetch_start_without_torch():
     # torch, timm and accelerate take seconds to import; commands that need none of them skip them.
-    code = ("import sys; from flowers_dist.cli import _parser; _parser().parse_args(['data', 'fetch', 'x']); "
-            "import flowers_dist.data.fetch; print(sorted(m for m in ('torch', 'timm', 'accelerate') if m in sys.modules))")
+    code = (
+        "import sys; from flowers_dist.cli import _parser; _parser().parse_args(['data', 'fetch', 'x']); "
+        "import flowers_dist.data.fetch; print(sorted(m for m in ('torch', 'timm', 'accelerate') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -103,17 +108,35 @@ def test_module_and_console_script_agree():
     for args in (["--help"], ["train", "--help"], ["eval", "--help"], ["train", "--config", "configs/no-such.yaml"]):
         module = subprocess.run([sys.executable, "-m", "flowers_dist", *args], capture_output=True, text=True, cwd=REPO)
         console = subprocess.run([script, *args], capture_output=True, text=True, cwd=REPO)
-        assert (module.returncode, module.stdout, module.stderr) == (console.returncode, console.stdout, console.stderr), args
+        assert (module.returncode, module.stdout, module.stderr) == (
+            console.returncode,
+            console.stdout,
+            console.stderr,
+        ), args
     assert module.returncode != 0 and "configs/no-such.yaml" in module.stderr and "Traceback" not in module.stderr
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
-                    reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("clang++") is None,
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
 def test_compiled_training_saves_checkpoints_the_plain_model_loads(tmp_path):
     # A compiled module's state_dict prefixes every key with `_orig_mod.`; the checkpoint must not.
-    proc = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "model.compile=true", "train.epochs=1",
-                "train.max_steps_per_epoch=2", f"train.output_dir={tmp_path}", "train.name=c"], timeout=900)
+    proc = cli(
+        [
+            "train",
+            "--config",
+            "configs/quickstart.yaml",
+            *TINY,
+            "model.compile=true",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
+            f"train.output_dir={tmp_path}",
+            "train.name=c",
+        ],
+        timeout=900,
+    )
     assert "torch.compile (inductor)" in proc.stdout
     ckpt = tmp_path / "c" / "checkpoints" / "last.pt"
     saved = checkpoint_file.load(ckpt)["model"]  # verified against its digest, as eval and resume read it

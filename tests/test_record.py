@@ -24,8 +24,14 @@ def _lines(path, *lines: bytes) -> None:
 # -- metrics_log ----------------------------------------------------------------------------------
 def test_a_line_counts_once_it_ends_with_a_newline_and_order_is_kept(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    _lines(path, b'{"event": "start"}\n', b'{"event": "step", "step": 2}\n', b"\n", b'{"event": "step", "step": 1}\n',
-           b'{"event": "epoch", "ep')
+    _lines(
+        path,
+        b'{"event": "start"}\n',
+        b'{"event": "step", "step": 2}\n',
+        b"\n",
+        b'{"event": "step", "step": 1}\n',
+        b'{"event": "epoch", "ep',
+    )
     assert metrics_log.read(path) == [{"event": "start"}, {"event": "step", "step": 2}, {"event": "step", "step": 1}]
     # Even a last line that parses is not a record until its newline is there: the writer may be mid-line.
     _lines(path, b'{"event": "start"}\n', b'{"event": "end"}')
@@ -33,8 +39,10 @@ def test_a_line_counts_once_it_ends_with_a_newline_and_order_is_kept(tmp_path):
     assert metrics_log.read(tmp_path / "absent.jsonl") == []
 
 
-@pytest.mark.parametrize("damage, reason", [(b'{"event": "st', "not a JSON record"), (b"\xff\xfe{}", "not a JSON record"),
-                                            (b"[1, 2]", "not a JSON object")])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [(b'{"event": "st', "not a JSON record"), (b"\xff\xfe{}", "not a JSON record"), (b"[1, 2]", "not a JSON object")],
+)
 def test_a_damaged_whole_line_is_an_error_that_names_it(tmp_path, damage, reason):
     path = tmp_path / "metrics.jsonl"
     _lines(path, b'{"event": "start"}\n', b"\n", damage + b"\n", b'{"event": "end"}\n')
@@ -67,15 +75,25 @@ def test_append_writes_whole_stamped_lines_in_order(tmp_path):
 
 
 def test_latest_per_keeps_the_last_record_of_each_key(tmp_path):
-    records = [{"event": "epoch", "epoch": 0, "v": "a"}, {"event": "epoch", "epoch": 1, "v": "b"}, {"event": "resume"},
-               {"event": "epoch", "epoch": 1, "v": "c"}, {"event": "step", "epoch": 5}]
+    records = [
+        {"event": "epoch", "epoch": 0, "v": "a"},
+        {"event": "epoch", "epoch": 1, "v": "b"},
+        {"event": "resume"},
+        {"event": "epoch", "epoch": 1, "v": "c"},
+        {"event": "step", "epoch": 5},
+    ]
     assert [r["v"] for r in metrics_log.latest_per(records, "epoch", "epoch")] == ["a", "c"]
 
 
 def test_report_reads_by_the_same_rule_and_names_a_damaged_line(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
-    rows = [{"event": "start"}, {"event": "epoch", "epoch": 0, "val_acc": 0.1}, {"event": "step", "step": 1},
-            {"event": "resume"}, {"event": "epoch", "epoch": 0, "val_acc": 0.2}]
+    rows = [
+        {"event": "start"},
+        {"event": "epoch", "epoch": 0, "val_acc": 0.1},
+        {"event": "step", "step": 1},
+        {"event": "resume"},
+        {"event": "epoch", "epoch": 0, "val_acc": 0.2},
+    ]
     _lines(path, *[json.dumps(r).encode() + b"\n" for r in rows], b'{"event": "end", "to')
     m = read_metrics(tmp_path)
     assert [r["val_acc"] for r in m["epochs"]] == [0.2] and m["end"] is None and len(m["starts"]) == 2
@@ -115,10 +133,33 @@ def _a_run(rec: Recorder, resumed: bool = False, global_step: int = 0) -> None:
     rec.start(config.load(None), ["daisy", "roses"], ENV, 0, resumed=resumed, start_step=0, global_step=global_step)
     rec.log_data_check({"event": "data_check", "skipped": 1, "skipped_by_kind": {"unreadable": 1}})
     for step in (global_step + 1, global_step + 2):
-        rec.log_step({"epoch": 0, "step": step, "loss": 1.5, "lr": 0.1, "images_per_s": 10.0,
-                      "images_per_s_per_process": 5.0, "step_time": 0.1, "data_wait_fraction": 0.2, "elapsed": 1.0})
-    rec.log_epoch({"epoch": 0, "step": global_step + 2, "train_loss": 1.4, "train_acc": 0.5, "val_loss": 1.3, "val_acc": 0.6,
-                   "epoch_time": 2.0, "images_per_s": 10.0, "val_per_class": {"daisy": 0.5, "roses": 0.7}, "val_confusion": []})
+        rec.log_step(
+            {
+                "epoch": 0,
+                "step": step,
+                "loss": 1.5,
+                "lr": 0.1,
+                "images_per_s": 10.0,
+                "images_per_s_per_process": 5.0,
+                "step_time": 0.1,
+                "data_wait_fraction": 0.2,
+                "elapsed": 1.0,
+            }
+        )
+    rec.log_epoch(
+        {
+            "epoch": 0,
+            "step": global_step + 2,
+            "train_loss": 1.4,
+            "train_acc": 0.5,
+            "val_loss": 1.3,
+            "val_acc": 0.6,
+            "epoch_time": 2.0,
+            "images_per_s": 10.0,
+            "val_per_class": {"daisy": 0.5, "roses": 0.7},
+            "val_confusion": [],
+        }
+    )
     rec.log({"event": "stopped", "signal": "SIGTERM", "epoch": 0, "step": 2})
     rec.finish({"best_val_acc": 0.6, "best_epoch": 0})
 
@@ -147,7 +188,11 @@ def test_a_resume_repairs_the_log_and_logs_past_the_steps_a_tracker_has_seen(tmp
     rec = Recorder(tmp_path, is_main=True, progress="lines", sinks=[sinks.JsonlSink(path), listed])
     _a_run(rec, resumed=True, global_step=2)  # the checkpoint was at step 2; steps 3-5 had been logged
     assert "dropped a torn last line (21 bytes)" in capsys.readouterr().out
-    rows = [(r["step"], r.get("wandb_step")) for r in metrics_log.read(path)[len(first):] if r["event"] in ("step", "epoch")]
+    rows = [
+        (r["step"], r.get("wandb_step"))
+        for r in metrics_log.read(path)[len(first) :]
+        if r["event"] in ("step", "epoch")
+    ]
     assert rows == [(3, 6), (4, 7), (4, 7)]  # one axis past step 5, kept in metrics.jsonl for the next resume
     assert [(r["step"], r["wandb_step"]) for r in listed.records if r["event"] == "step"] == [(3, 6), (4, 7)]
     note = [json.loads(line) for line in (tmp_path / "resumes.jsonl").read_text().splitlines()]
@@ -186,8 +231,12 @@ def test_the_wandb_sink_logs_every_row_at_its_tracker_step_and_the_rest_as_summa
     assert kinds == ["init", "log", "log", "log", "end_training"]
     assert [c[1] for c in accelerator.calls if c[0] == "log"] == [1, 2, 2]  # one increasing step on every call
     assert "val/accuracy_roses" in accelerator.calls[3][2]
-    assert accelerator.run.summary == {"data/skipped": 1, "data/skipped_unreadable": 1, "run/best_val_acc": 0.6,
-                                       "run/best_epoch": 0}
+    assert accelerator.run.summary == {
+        "data/skipped": 1,
+        "data/skipped_unreadable": 1,
+        "run/best_val_acc": 0.6,
+        "run/best_epoch": 0,
+    }
     disabled = Recorder(tmp_path / "d", True, "lines", FakeAccelerator(tmp_path), tracking_cfg, "disabled")
     assert [type(s) for s in disabled.sinks] == [sinks.JsonlSink]
 

@@ -9,13 +9,12 @@ import shutil
 import signal
 
 import pytest
-
-from flowers_dist.data import dali_status
-from flowers_dist.metrics_log import events
-
 from conftest import REPO, TINY, assert_same_final_weights, assert_whole_lines, cli, last_checkpoint, metrics
 from procs import kill, launch, wait_for
 from wandb_offline import read_run
+
+from flowers_dist.data import dali_status
+from flowers_dist.metrics_log import events
 
 pytestmark = pytest.mark.e2e
 
@@ -26,7 +25,10 @@ RUN = ["train", "--config", "configs/quickstart.yaml", *TINY, "train.max_steps_p
 LOGGED = [*RUN, "data.loader=torch", "train.log_every=1"]
 
 
-@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_status()[0], reason="DALI not installed"))])
+@pytest.mark.parametrize(
+    "loader",
+    ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_status()[0], reason="DALI not installed"))],
+)
 def test_resume_matches_uninterrupted_run(tmp_path, loader):
     run = [*RUN, f"data.loader={loader}"]
     cli([*run, "train.epochs=4", f"train.output_dir={tmp_path}", "train.name=full"])
@@ -77,9 +79,16 @@ def test_a_damaged_checkpoint_is_one_line_in_every_command(trained_run, tmp_path
     shutil.copytree(trained_run, run)
     ck = run / "checkpoints" / "best.pt"
     images = str(REPO / "data" / "flowers_sample" / "val")
-    damaged = {"flipped": lambda p: _flip_byte(p), "zero": lambda p: p.write_bytes(b""),
-               "truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])}
-    expected = {"flipped": "is corrupt: its SHA-256 does not match", "zero": "is empty (0 bytes)", "truncated": "is truncated"}
+    damaged = {
+        "flipped": lambda p: _flip_byte(p),
+        "zero": lambda p: p.write_bytes(b""),
+        "truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
+    }
+    expected = {
+        "flipped": "is corrupt: its SHA-256 does not match",
+        "zero": "is empty (0 bytes)",
+        "truncated": "is truncated",
+    }
     for kind, damage in damaged.items():
         bad = tmp_path / f"{kind}.pt"
         shutil.copy(ck, bad)
@@ -87,12 +96,23 @@ def test_a_damaged_checkpoint_is_one_line_in_every_command(trained_run, tmp_path
         for command in (["eval", str(bad), "--data", images], ["predict", str(bad), images]):
             proc = cli(command, check=False)
             lines = proc.stderr.strip().splitlines()
-            assert proc.returncode == 2 and lines[-1].startswith("flowers-dist: error: checkpoint"), (kind, command, proc.stderr[-2000:])
+            assert proc.returncode == 2 and lines[-1].startswith("flowers-dist: error: checkpoint"), (
+                kind,
+                command,
+                proc.stderr[-2000:],
+            )
             assert expected[kind] in lines[-1] and "Traceback" not in proc.stderr, (kind, lines[-1])
 
 
 def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
-    run = [*RUN, "data.loader=torch", "model.name=test_resnet", "train.epochs=2", f"train.output_dir={tmp_path}", "train.name=fb"]
+    run = [
+        *RUN,
+        "data.loader=torch",
+        "model.name=test_resnet",
+        "train.epochs=2",
+        f"train.output_dir={tmp_path}",
+        "train.name=fb",
+    ]
     cli(run)
     ck = tmp_path / "fb" / "checkpoints"
     step_files = sorted(ck.glob("step-*.pt"))
@@ -115,7 +135,10 @@ def test_an_explicit_resume_of_a_folder_without_checkpoints_is_one_line(tmp_path
     (tmp_path / "empty" / "config.yaml").write_text((REPO / "configs" / "quickstart.yaml").read_text())
     proc = cli(["train", "--resume", str(tmp_path / "empty"), *TINY], check=False)
     assert proc.returncode == 2 and "cannot resume" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
-    never = cli([*RUN, "data.loader=torch", "train.resume=never", f"train.output_dir={tmp_path}", "train.name=empty"], check=False)
+    never = cli(
+        [*RUN, "data.loader=torch", "train.resume=never", f"train.output_dir={tmp_path}", "train.name=empty"],
+        check=False,
+    )
     assert never.returncode == 2 and "already exists and train.resume=never" in never.stderr, never.stderr[-2000:]
 
 
@@ -127,7 +150,8 @@ def test_resume_refuses_result_changes_and_keeps_the_original_config(tmp_path):
     assert refused.returncode == 2 and refused.stdout.strip() == ""
     assert refused.stderr.strip().splitlines() == [
         "flowers-dist: error: config key 'model.name' changes what the resumed run computes "
-        "('resnet18.tv_in1k' -> 'resnet34'); start a new run, or pass --force to resume with it anyway"]
+        "('resnet18.tv_in1k' -> 'resnet34'); start a new run, or pass --force to resume with it anyway"
+    ]
     misfit = cli(["train", "--resume", str(run), "--force", "model.name=resnet34"], check=False)
     assert misfit.returncode == 2 and len(misfit.stderr.strip().splitlines()) == 1
     assert "does not fit this config (model.name=resnet34): " in misfit.stderr
@@ -136,7 +160,10 @@ def test_resume_refuses_result_changes_and_keeps_the_original_config(tmp_path):
     assert (run / "config.yaml").read_text() == original
     resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
     # One line per resume that ran (the misfit stopped before it started).
-    assert [r["overrides"] for r in resumes] == [["optim.lr=0.002", "train.epochs=2"], ["train.epochs=3", "train.log_every=2"]]
+    assert [r["overrides"] for r in resumes] == [
+        ["optim.lr=0.002", "train.epochs=2"],
+        ["train.epochs=3", "train.log_every=2"],
+    ]
     assert resumes[0]["forced"] and resumes[0]["changed"] == {"optim.lr": [0.001, 0.002], "train.epochs": [1, 2]}
     assert resumes[1]["changed"] == {"train.epochs": [2, 3], "train.log_every": [1, 2]} and not resumes[1]["forced"]
     assert resumes[1]["from_epoch"] == 2
@@ -148,8 +175,13 @@ def test_resume_refuses_result_changes_and_keeps_the_original_config(tmp_path):
 
 
 def test_wandb_steps_keep_increasing_when_a_resume_retrains_logged_steps(tmp_path):
-    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, "HOME": str(tmp_path), "NETRC": str(tmp_path / "none"),
-           "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_API_KEY": None,
+        "HOME": str(tmp_path),
+        "NETRC": str(tmp_path / "none"),
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+    }
     run = tmp_path / "w"
     cli([*LOGGED, "train.epochs=1", "tracking.wandb=offline", f"train.output_dir={tmp_path}", "train.name=w"], env=env)
     epoch0 = tmp_path / "epoch0.pt"

@@ -40,9 +40,23 @@ def test_per_step_warmup_table():
     # 4 warm-up steps from lr/10, then StepLR's epoch decay; 3 steps an epoch.
     cfg = OptimConfig(lr=0.8, schedule="step", step_size=2, gamma=0.5, warmup_steps=4)
     table = [(e, s, _lr(cfg, e, s, 3)) for e in range(5) for s in range(3)]
-    expected = [0.08, 0.26, 0.44,   # warm-up: 0.8 x (0.1 + 0.9 k / 4), k = 0, 1, 2
-                0.62, 0.8, 0.8,     # k = 3 still warming; k = 4 is the full rate
-                0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.2, 0.2, 0.2]
+    expected = [
+        0.08,
+        0.26,
+        0.44,  # warm-up: 0.8 x (0.1 + 0.9 k / 4), k = 0, 1, 2
+        0.62,
+        0.8,
+        0.8,  # k = 3 still warming; k = 4 is the full rate
+        0.4,
+        0.4,
+        0.4,
+        0.4,
+        0.4,
+        0.4,
+        0.2,
+        0.2,
+        0.2,
+    ]
     assert [round(lr, 12) for _, _, lr in table] == pytest.approx(expected, rel=1e-12)
 
 
@@ -59,7 +73,7 @@ def test_warmup_epochs_is_per_step_and_agrees_with_the_epoch_function():
 
 def test_scaled_warmup_reaches_the_scaled_rate():
     cfg = OptimConfig(lr=1e-3, lr_scaling="linear", warmup_steps=10, schedule="constant")
-    assert _lr(cfg, 0, 0, 20, batch=512) == pytest.approx(1.6e-3)      # a tenth of 16 x 1e-3
+    assert _lr(cfg, 0, 0, 20, batch=512) == pytest.approx(1.6e-3)  # a tenth of 16 x 1e-3
     assert _lr(cfg, 0, 10, 20, batch=512) == pytest.approx(1.6e-2)
     with pytest.raises(ValueError, match="global batch"):
         lr_at(cfg, 0, 10)

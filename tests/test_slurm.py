@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY, assert_same_final_weights, free_port, inside_epoch, metrics, position
 from procs import alive, pending, stopped_at, training_pids
 from slurm_cluster import Cluster, missing
@@ -27,7 +26,14 @@ pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 # (stop_check_every=1), so a signal that reaches them inside an epoch stops the run there (_stop_inside_epoch).
 # 40 sample training photos, global batch 8: 5 steps per epoch.
 STEPS = 5
-TRAIN = ["--config", "configs/quickstart.yaml", *TINY, "data.loader=torch", "train.log_every=1", "train.stop_check_every=1"]
+TRAIN = [
+    "--config",
+    "configs/quickstart.yaml",
+    *TINY,
+    "data.loader=torch",
+    "train.log_every=1",
+    "train.stop_check_every=1",
+]
 # The time-limit test holds its run until SLURM's warning arrives, so the run can be short.
 ONE_PROCESS = [*TRAIN, "train.epochs=4"]
 TWO_NODES = [*TRAIN, "train.epochs=4"]
@@ -50,17 +56,48 @@ def cluster(tmp_path_factory):
 
 def job_env(**extra: str) -> dict[str, str]:
     """What sbatch exports to the job: this interpreter's venv first on PATH, offline W&B and hub, one thread."""
-    return {"PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
-            "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+    return {
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
-def submit(cluster: Cluster, out: Path, name: str, nodes: int, train_args: list[str], sbatch_args: list[str] = (), per_node: int = 1,
-           **env: str) -> int:
+def submit(
+    cluster: Cluster,
+    out: Path,
+    name: str,
+    nodes: int,
+    train_args: list[str],
+    sbatch_args: list[str] = (),
+    per_node: int = 1,
+    **env: str,
+) -> int:
     """sbatch launch/slurm.sbatch on CPU nodes (`per_node` processes each); the run lands in out/runs/<name>-<job id>."""
-    return cluster.sbatch(["--nodes", str(nodes), "--ntasks-per-node", "1", "--gpus-per-node=0", "--cpus-per-task", str(per_node),
-                           "--job-name", name, "--output", str(out / "%x-%j.out"), *sbatch_args,
-                           "launch/slurm.sbatch", *train_args, f"train.output_dir={out / 'runs'}"],
-                          env=job_env(PROCS_PER_NODE=str(per_node), **env), cwd=REPO)
+    return cluster.sbatch(
+        [
+            "--nodes",
+            str(nodes),
+            "--ntasks-per-node",
+            "1",
+            "--gpus-per-node=0",
+            "--cpus-per-task",
+            str(per_node),
+            "--job-name",
+            name,
+            "--output",
+            str(out / "%x-%j.out"),
+            *sbatch_args,
+            "launch/slurm.sbatch",
+            *train_args,
+            f"train.output_dir={out / 'runs'}",
+        ],
+        env=job_env(PROCS_PER_NODE=str(per_node), **env),
+        cwd=REPO,
+    )
 
 
 def job_out(out: Path, name: str, job_id: int) -> str:
@@ -119,16 +156,23 @@ def test_user_error_is_the_last_line_and_not_requeued(cluster, tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", why
     lines = job_out(tmp_path, "bad", job_id).strip().splitlines()
     assert lines[-1].startswith("flowers-dist: error: ") and "train.epochs" in lines[-1], why
-    assert sum("Traceback" in line or "ChildFailedError" in line for line in lines) >= 1, "no launcher traceback to come after"
+    assert sum("Traceback" in line or "ChildFailedError" in line for line in lines) >= 1, (
+        "no launcher traceback to come after"
+    )
 
 
 def test_unresolvable_head_node_fails_at_once(cluster, tmp_path):
     """MAIN_PROCESS_IP that does not resolve (NXDOMAIN from the namespace's resolver): one line, exit 2, in seconds."""
     start = time.monotonic()
-    job_id, info, why = run_and_wait(cluster, tmp_path, "nohost", 2, TRAIN, timeout=60, MAIN_PROCESS_IP="no-such-node.invalid")
+    job_id, info, why = run_and_wait(
+        cluster, tmp_path, "nohost", 2, TRAIN, timeout=60, MAIN_PROCESS_IP="no-such-node.invalid"
+    )
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", why
     last = job_out(tmp_path, "nohost", job_id).strip().splitlines()[-1]
-    assert last == "slurm.sbatch: error: the rendezvous host 'no-such-node.invalid' does not resolve (MAIN_PROCESS_IP or the first node's name)", why
+    assert (
+        last
+        == "slurm.sbatch: error: the rendezvous host 'no-such-node.invalid' does not resolve (MAIN_PROCESS_IP or the first node's name)"
+    ), why
     assert time.monotonic() - start < 30, why
 
 
@@ -139,17 +183,27 @@ def test_rendezvous_that_cannot_form_ends_within_its_timeout(cluster, script):
     Inside the cluster's namespace, so that the launchers' host-name lookups stay on the machine. accelerate.sh runs
     as machine 1 (its store client waits for machine 0); torchrun.sh hosts the c10d store and waits for a second node.
     """
-    env = {**job_env(RDZV_TIMEOUT="5"), "NUM_MACHINES": "2", "MACHINE_RANK": "1", "NPROC": "1",
-           "MAIN_PROCESS_IP": "n1", "MAIN_PROCESS_PORT": str(free_port())}
+    env = {
+        **job_env(RDZV_TIMEOUT="5"),
+        "NUM_MACHINES": "2",
+        "MACHINE_RANK": "1",
+        "NPROC": "1",
+        "MAIN_PROCESS_IP": "n1",
+        "MAIN_PROCESS_PORT": str(free_port()),
+    }
     start = time.monotonic()
-    proc = cluster.run(["bash", f"launch/{script}", *TRAIN, "train.epochs=1"], env=env, cwd=REPO, timeout=120, check=False)
+    proc = cluster.run(
+        ["bash", f"launch/{script}", *TRAIN, "train.epochs=1"], env=env, cwd=REPO, timeout=120, check=False
+    )
     elapsed = time.monotonic() - start
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
     # 5 s of waiting, plus the launcher's start (imports: up to ~20 s on a loaded 2-core host); 600 s without the timeout.
     assert elapsed < 60, f"took {elapsed:.0f} s\n{output[-3000:]}"
-    expected = {"accelerate.sh": "has timed out after 5000ms while trying to connect to (n1,",
-                "torchrun.sh": "RendezvousTimeoutError"}[script]
+    expected = {
+        "accelerate.sh": "has timed out after 5000ms while trying to connect to (n1,",
+        "torchrun.sh": "RendezvousTimeoutError",
+    }[script]
     assert expected in output, output[-3000:]
 
 
@@ -187,14 +241,35 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically(clu
     """
     ref_out, ref_id, ref_info, ref_why = one_process_run
     assert ref_info["JobState"] == "COMPLETED", ref_why
-    job_id = cluster.sbatch(["--nodes", "1", "--ntasks-per-node", "1", "--gpus-per-node=0", "--cpus-per-task", "1", "--job-name", "lim",
-                             "--output", str(tmp_path / "%x-%j.out"), "--time=1", "--signal=B:USR1@50",
-                             "launch/slurm.sbatch", *ONE_PROCESS, f"train.output_dir={tmp_path / 'runs'}"], env=job_env(), cwd=REPO)
+    job_id = cluster.sbatch(
+        [
+            "--nodes",
+            "1",
+            "--ntasks-per-node",
+            "1",
+            "--gpus-per-node=0",
+            "--cpus-per-task",
+            "1",
+            "--job-name",
+            "lim",
+            "--output",
+            str(tmp_path / "%x-%j.out"),
+            "--time=1",
+            "--signal=B:USR1@50",
+            "launch/slurm.sbatch",
+            *ONE_PROCESS,
+            f"train.output_dir={tmp_path / 'runs'}",
+        ],
+        env=job_env(),
+        cwd=REPO,
+    )
     _stop_inside_epoch(cluster, tmp_path / "runs" / f"lim-{job_id}", job_id, workers=1, scancel=False)
     deadline = time.time() + 200
     while time.time() < deadline and int(cluster.job(job_id).get("Restarts", 0)) < 1:
         state = cluster.job(job_id).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), explain(cluster, tmp_path, "lim", job_id)
+        assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), explain(
+            cluster, tmp_path, "lim", job_id
+        )
         time.sleep(0.2)
     cluster.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"])
     info = cluster.wait(job_id, timeout=300)
@@ -208,14 +283,19 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically(clu
 def _assert_preempted_then_resumed(run: Path, out: str, why: str) -> None:
     # Both attempts' lines are in the .out (--open-mode=append), each under its header.
     assert "attempt 1 (SLURM_RESTART_COUNT=0)" in out and "attempt 2 (SLURM_RESTART_COUNT=1)" in out, why
-    first = out[out.index("attempt 1 (SLURM_RESTART_COUNT=0)"):out.index("attempt 2 (SLURM_RESTART_COUNT=1)")]
+    first = out[out.index("attempt 1 (SLURM_RESTART_COUNT=0)") : out.index("attempt 2 (SLURM_RESTART_COUNT=1)")]
     assert "SIGUSR1 received" in first and "requeueing" in first, why
     # The launcher outlived the signal (it ignores SIGUSR1): srun reports its exit, not its death by the signal,
     # which would leave the workers to finish their checkpoint before slurmstepd kills the step (KillWait).
     assert "User defined signal 1" not in first, why
     records = metrics(run)
     events = [r["event"] for r in records]
-    assert events.count("start") == 1 and events.count("stopped") == 1 and events.count("resume") == 1 and events[-1] == "end", events
+    assert (
+        events.count("start") == 1
+        and events.count("stopped") == 1
+        and events.count("resume") == 1
+        and events[-1] == "end"
+    ), events
     stopped, resume = records[events.index("stopped")], records[events.index("resume")]
     assert stopped["signal"] == "SIGUSR1", stopped
     # The next attempt continued from the very step where the first one stopped, inside an epoch.
@@ -223,7 +303,9 @@ def _assert_preempted_then_resumed(run: Path, out: str, why: str) -> None:
     assert stopped["step"] > 0, stopped
 
 
-def _stop_inside_epoch(cluster: Cluster, run: Path, job_id: int, workers: int, scancel: bool = True, timeout: float = 180) -> None:
+def _stop_inside_epoch(
+    cluster: Cluster, run: Path, job_id: int, workers: int, scancel: bool = True, timeout: float = 180
+) -> None:
     """Have SIGUSR1 reach the job's training processes while they are inside the first epoch, for certain.
 
     The signal travels batch shell -> scancel -> slurmstepd -> workers, long enough for several steps, and
@@ -237,7 +319,9 @@ def _stop_inside_epoch(cluster: Cluster, run: Path, job_id: int, workers: int, s
     deadline = time.time() + timeout
     while not ((run / "metrics.jsonl").exists() and any(r["event"] == "start" for r in metrics(run))):
         state = cluster.job(job_id).get("JobState")
-        assert time.time() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING"), f"the job never started its run\n{cluster.job(job_id)}"
+        assert time.time() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING"), (
+            f"the job never started its run\n{cluster.job(job_id)}"
+        )
         time.sleep(0.05)
     pids = list(training_pids(f"SLURM_JOB_ID={job_id}").values())
     assert len(pids) == workers, f"expected the job's {workers} training processes, found {pids}"

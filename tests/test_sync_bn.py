@@ -17,7 +17,9 @@ STEPS = 3
 def _inputs(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     # A mean offset of a few standard deviations per channel, as activations after a ReLU have.
-    x = torch.randn(8, 6, 5, 4, generator=g) * torch.linspace(0.5, 2.0, 6).view(1, 6, 1, 1) + torch.linspace(-3, 3, 6).view(1, 6, 1, 1)
+    x = torch.randn(8, 6, 5, 4, generator=g) * torch.linspace(0.5, 2.0, 6).view(1, 6, 1, 1) + torch.linspace(
+        -3, 3, 6
+    ).view(1, 6, 1, 1)
     w = torch.randn(8, 6, 5, 4, generator=g)  # the loss weights: sum(y * w) has a non-zero gradient, sum(y) has none
     return x, w
 
@@ -44,7 +46,9 @@ def _run(bn: nn.Module, rows: slice, reduce_grads) -> dict:
         out["x_grad"].append(x.grad)
         out["w_grad"].append(bn.weight.grad.clone())
         out["b_grad"].append(bn.bias.grad.clone())
-    out.update(running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone(), batches=int(bn.num_batches_tracked))
+    out.update(
+        running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone(), batches=int(bn.num_batches_tracked)
+    )
     bn.eval()
     out["eval_y"] = bn(_inputs(99)[0][rows]).detach()
     return out
@@ -54,9 +58,11 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
     store = dist.FileStore(store_path, 2)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
     try:
+
         def all_reduce_grads(bn):  # what DDP does to parameter gradients
             for p in bn.parameters():
                 dist.all_reduce(p.grad)
+
         torch.save(_run(_bn(SyncBatchNorm), ROWS[rank], all_reduce_grads), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -74,7 +80,9 @@ def test_two_gloo_processes_match_batchnorm_on_the_concatenated_batch(tmp_path):
             torch.testing.assert_close(got, ref[key][step], **close, msg=f"{key} at step {step}")
         for key in ("w_grad", "b_grad"):  # after the all-reduce, both ranks hold the full batch's gradient
             for r in range(2):
-                torch.testing.assert_close(ranks[r][key][step], ref[key][step], **close, msg=f"{key} rank {r} step {step}")
+                torch.testing.assert_close(
+                    ranks[r][key][step], ref[key][step], **close, msg=f"{key} rank {r} step {step}"
+                )
     for r in range(2):
         torch.testing.assert_close(ranks[r]["running_mean"], ref["running_mean"], **close)
         torch.testing.assert_close(ranks[r]["running_var"], ref["running_var"], **close)

@@ -5,13 +5,12 @@ import shutil
 import time
 
 import pytest
+from conftest import TINY, cli, metrics
+from wandb_offline import read_run
 
 from flowers_dist import config
 from flowers_dist.config import ConfigError
 from flowers_dist.tracking import resolve_mode
-
-from conftest import TINY, cli, metrics
-from wandb_offline import read_run
 
 PNGS = ["loss.png", "accuracy.png", "lr.png", "throughput.png", "confusion.png"]
 
@@ -22,12 +21,33 @@ def offline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("wb")
     home = out / "home"
     home.mkdir()
-    env = {"WANDB_MODE": None, "WANDB_API_KEY": None, "WANDB_DIR": None, "NETRC": str(home / "no-netrc"), "HOME": str(home),
-           "WANDB_BASE_URL": "http://127.0.0.1:9"}  # were it to try the network, nothing answers there
+    env = {
+        "WANDB_MODE": None,
+        "WANDB_API_KEY": None,
+        "WANDB_DIR": None,
+        "NETRC": str(home / "no-netrc"),
+        "HOME": str(home),
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+    }  # were it to try the network, nothing answers there
     started = time.perf_counter()
-    proc = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "train.epochs=2", "train.max_steps_per_epoch=3",
-                "train.log_every=2", "tracking.wandb=auto", "tracking.tags=[ci, tiny]", f"train.output_dir={out}", "train.name=wb"],
-               nprocs=2, env=env, timeout=240)
+    proc = cli(
+        [
+            "train",
+            "--config",
+            "configs/quickstart.yaml",
+            *TINY,
+            "train.epochs=2",
+            "train.max_steps_per_epoch=3",
+            "train.log_every=2",
+            "tracking.wandb=auto",
+            "tracking.tags=[ci, tiny]",
+            f"train.output_dir={out}",
+            "train.name=wb",
+        ],
+        nprocs=2,
+        env=env,
+        timeout=240,
+    )
     return out / "wb", proc, time.perf_counter() - started
 
 
@@ -55,13 +75,21 @@ def test_offline_run_streams_config_history_and_summary(offline_run):
     assert steps == sorted({r["step"] for r in local})
     assert sum(r["event"] == "step" for r in records) == 4 and sum(r["event"] == "epoch" for r in records) == 2
     for row in history:
-        assert {"train/loss", "train/lr", "perf/images_per_s", "perf/images_per_s_per_process", "perf/step_time",
-                "perf/data_wait_fraction"} <= row.keys()
+        assert {
+            "train/loss",
+            "train/lr",
+            "perf/images_per_s",
+            "perf/images_per_s_per_process",
+            "perf/step_time",
+            "perf/data_wait_fraction",
+        } <= row.keys()
         assert row["perf/images_per_s"] > 0 and 0 <= row["perf/data_wait_fraction"] <= 1
     epoch_rows = [row for row in history if "val/accuracy" in row]
     assert len(epoch_rows) == 2
     for row, rec in zip(epoch_rows, [r for r in records if r["event"] == "epoch"]):
-        assert row["val/accuracy"] == pytest.approx(rec["val_acc"]) and row["train/accuracy"] == pytest.approx(rec["train_acc"])
+        assert row["val/accuracy"] == pytest.approx(rec["val_acc"]) and row["train/accuracy"] == pytest.approx(
+            rec["train_acc"]
+        )
         assert row["val/accuracy_roses"] == pytest.approx(rec["val_per_class"]["roses"])
         assert any(k.startswith("val/confusion") for k in row)
         assert sum(map(sum, rec["val_confusion"])) == 23
@@ -94,7 +122,7 @@ def test_report_on_finished_and_killed_runs(offline_run, tmp_path):
         shutil.copy(run / name, killed / name)
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     first_epoch = next(i for i, line in enumerate(lines) if json.loads(line)["event"] == "epoch")
-    (killed / "metrics.jsonl").write_text("".join(lines[:first_epoch + 2]) + lines[first_epoch + 2][:40])
+    (killed / "metrics.jsonl").write_text("".join(lines[: first_epoch + 2]) + lines[first_epoch + 2][:40])
     summary = _check_report(killed, cli(["report", str(killed)]))
     assert "unfinished" in summary and "epochs recorded: 1" in summary
 
@@ -142,22 +170,53 @@ def test_a_wandb_mode_that_wandb_rejects_is_one_line_before_the_run(tmp_path, mo
         # tracking.wandb=disabled never starts W&B, so the variable does not matter.
         assert resolve_mode(config.load(None, ["tracking.wandb=disabled"]).tracking) == "disabled"
     # As a user meets it: one line, exit 2, before the run has a folder; and a disabled run trains.
-    proc = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "tracking.wandb=offline", f"train.output_dir={tmp_path}"],
-               env={"WANDB_MODE": ""}, check=False)
+    proc = cli(
+        [
+            "train",
+            "--config",
+            "configs/quickstart.yaml",
+            *TINY,
+            "tracking.wandb=offline",
+            f"train.output_dir={tmp_path}",
+        ],
+        env={"WANDB_MODE": ""},
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("flowers-dist: error:")]
     assert errors == ["flowers-dist: error: " + message.format("")], proc.stderr[-2000:]
     assert not any(tmp_path.iterdir()), "a refused run left a folder behind"
-    ok = cli(["train", "--config", "configs/quickstart.yaml", *TINY, "tracking.wandb=disabled", "train.epochs=1",
-              "train.max_steps_per_epoch=1", f"train.output_dir={tmp_path}"], env={"WANDB_MODE": ""})
+    ok = cli(
+        [
+            "train",
+            "--config",
+            "configs/quickstart.yaml",
+            *TINY,
+            "tracking.wandb=disabled",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=1",
+            f"train.output_dir={tmp_path}",
+        ],
+        env={"WANDB_MODE": ""},
+    )
     assert ok.returncode == 0
 
 
 @pytest.mark.e2e
 def test_resume_continues_the_same_wandb_run(tmp_path):
     run = tmp_path / "r"
-    args = ["train", "--config", "configs/quickstart.yaml", *TINY, "train.max_steps_per_epoch=2", "train.log_every=1",
-            "tracking.wandb=offline", "data.loader=torch", f"train.output_dir={tmp_path}", "train.name=r"]
+    args = [
+        "train",
+        "--config",
+        "configs/quickstart.yaml",
+        *TINY,
+        "train.max_steps_per_epoch=2",
+        "train.log_every=1",
+        "tracking.wandb=offline",
+        "data.loader=torch",
+        f"train.output_dir={tmp_path}",
+        "train.name=r",
+    ]
     cli([*args, "train.epochs=1"])
     cli(["train", "--resume", str(run), "train.epochs=2"])
     run_id = (run / "wandb_run_id").read_text().strip()

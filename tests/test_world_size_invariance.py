@@ -23,18 +23,26 @@ import json
 import pytest
 import torch
 from accelerate.utils import set_seed
+from conftest import REPO, TINY, cli, last_checkpoint
 
 from flowers_dist import config
 from flowers_dist.model import build_model
-
-from conftest import REPO, TINY, cli, last_checkpoint
 
 pytestmark = pytest.mark.e2e
 
 TOL = 2e-3
 STEPS = 5
-RUN = ["train", "--config", "configs/quickstart.yaml", *TINY, "data.loader=torch", "train.epochs=1",
-       f"train.max_steps_per_epoch={STEPS}", "optim.lr=0.01", "train.seed=3"]
+RUN = [
+    "train",
+    "--config",
+    "configs/quickstart.yaml",
+    *TINY,
+    "data.loader=torch",
+    "train.epochs=1",
+    f"train.max_steps_per_epoch={STEPS}",
+    "optim.lr=0.01",
+    "train.seed=3",
+]
 
 
 def _params(run_dir, names):
@@ -73,9 +81,11 @@ def test_weights_agree_at_any_world_size_with_sync_bn_and_accumulation(tmp_path)
         return float((a - b).norm() / moved)
 
     same_bn_8, same_bn_4, different_bn = rel(sync, one), rel(accum, local), rel(local, one)
-    print(f"weights moved {float(moved):.4g} from init; relative differences: 1 vs 2 processes with sync_bn "
-          f"{same_bn_8:.3g}, 1 process x 2 accumulation vs 2 processes {same_bn_4:.3g}, 1 vs 2 processes "
-          f"without sync_bn {different_bn:.3g}")
+    print(
+        f"weights moved {float(moved):.4g} from init; relative differences: 1 vs 2 processes with sync_bn "
+        f"{same_bn_8:.3g}, 1 process x 2 accumulation vs 2 processes {same_bn_4:.3g}, 1 vs 2 processes "
+        f"without sync_bn {different_bn:.3g}"
+    )
     assert same_bn_8 < TOL, "2 processes with SyncBatchNorm did not train as 1 process does"
     assert same_bn_4 < TOL, "2 accumulation steps did not train as 2 processes do"
     assert different_bn > 10 * TOL, "without sync_bn the runs should differ far beyond reduction order"

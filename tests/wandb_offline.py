@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
 BLOCK = 32 * 1024
@@ -30,8 +31,8 @@ def payloads(path: str | Path) -> Iterator[bytes]:
         if room < 7:  # a block tail too short for a header is zero padding
             pos += room
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
         if kind == 0 and length == 0:  # zero padding up to the block end
             pos += room
             continue

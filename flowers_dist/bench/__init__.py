@@ -21,18 +21,40 @@ NUM_CLASSES = 5  # the flowers head; the step mode needs no data set
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("mode", choices=MODES, help="loader: DALI vs PyTorch vs decode only; step: model step vs matmul peak; "
-                        "train: the loop's time split; scaling: train on 1..N processes; startup: time to the first step")
+    parser.add_argument(
+        "mode",
+        choices=MODES,
+        help="loader: DALI vs PyTorch vs decode only; step: model step vs matmul peak; "
+        "train: the loop's time split; scaling: train on 1..N processes; startup: time to the first step",
+    )
     parser.add_argument("--config", type=Path, required=True, help="YAML config (configs/*.yaml)")
-    parser.add_argument("--out", type=Path, help="JSON result file (default runs/bench-<mode>-<time>/bench.json under train.output_dir)")
-    parser.add_argument("--repeats", type=int, default=3, help="loader/step/startup: timed repeats (median and range reported)")
-    parser.add_argument("--epochs", type=int, default=1, help="loader: timed epochs per repeat, after one warm-up epoch")
+    parser.add_argument(
+        "--out", type=Path, help="JSON result file (default runs/bench-<mode>-<time>/bench.json under train.output_dir)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="loader/step/startup: timed repeats (median and range reported)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="loader: timed epochs per repeat, after one warm-up epoch"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="step/train/scaling: untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="step: steps per repeat; train/scaling: timed steps")
-    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"], help="step: autocast precisions")
-    parser.add_argument("--formats", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"], help="step: memory formats")
-    parser.add_argument("--compile", action="store_true", help="step: torch.compile the model (slow to compile on the CPU)")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="step: side of the square matmul that sets the peak")
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"], help="step: autocast precisions"
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=["nchw", "channels_last"],
+        choices=["nchw", "channels_last"],
+        help="step: memory formats",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="step: torch.compile the model (slow to compile on the CPU)"
+    )
+    parser.add_argument(
+        "--matmul-size", type=int, default=2048, help="step: side of the square matmul that sets the peak"
+    )
     parser.add_argument("--max-processes", type=int, default=2, help="scaling: world sizes 1..N")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
 
@@ -47,36 +69,75 @@ def _report(mode: str, results: dict[str, Any]) -> str:
     from .common import table
 
     if mode == "loader":
-        rows = [{"setting": r["setting"], **{k: r["images_per_s"][k] for k in ("median", "min", "max")}} for r in results["rows"]]
-        text = table(rows, [("setting", "setting", "s"), ("median", "img/s", ".0f"), ("min", "min", ".0f"), ("max", "max", ".0f")])
+        rows = [
+            {"setting": r["setting"], **{k: r["images_per_s"][k] for k in ("median", "min", "max")}}
+            for r in results["rows"]
+        ]
+        text = table(
+            rows,
+            [("setting", "setting", "s"), ("median", "img/s", ".0f"), ("min", "min", ".0f"), ("max", "max", ".0f")],
+        )
         text += f"\nDALI / PyTorch = {results['ratio_dali_over_torch']:.2f}x"
         if results.get("fused_finish_speedup"):
             text += f"; DALI with the fused CPU finish / with DALI's rotate and colour operators = {results['fused_finish_speedup']:.2f}x"
         return text
     if mode == "step":
-        rows = [{**r, "img_s": r["images_per_s"]["median"], "spread": f"{r['images_per_s']['min']:.1f}-{r['images_per_s']['max']:.1f}",
-                 "gflops": r["achieved_flops_per_s"] / 1e9, "peak": 100 * r["fraction_of_matmul_peak"]} for r in results["rows"]]
-        peaks = ", ".join(f"{p} {v['flops_per_s']['max'] / 1e9:.0f} GFLOP/s (median {v['flops_per_s']['median'] / 1e9:.0f})" for p, v in results["matmul_peak"].items())
-        return (table(rows, [("precision", "precision", "s"), ("memory_format", "format", "s"), ("img_s", "img/s", ".1f"),
-                             ("spread", "range", "s"), ("gflops", "GFLOP/s", ".1f"), ("peak", "% of matmul", ".0f")])
-                + f"\nmatmul peak ({results['matmul_peak'][next(iter(results['matmul_peak']))]['size']}^2): {peaks}; "
-                  f"{results['rows'][0]['flops_per_image'] / 1e9:.2f} GFLOP per image (fwd + bwd, counted)")
+        rows = [
+            {
+                **r,
+                "img_s": r["images_per_s"]["median"],
+                "spread": f"{r['images_per_s']['min']:.1f}-{r['images_per_s']['max']:.1f}",
+                "gflops": r["achieved_flops_per_s"] / 1e9,
+                "peak": 100 * r["fraction_of_matmul_peak"],
+            }
+            for r in results["rows"]
+        ]
+        peaks = ", ".join(
+            f"{p} {v['flops_per_s']['max'] / 1e9:.0f} GFLOP/s (median {v['flops_per_s']['median'] / 1e9:.0f})"
+            for p, v in results["matmul_peak"].items()
+        )
+        return (
+            table(
+                rows,
+                [
+                    ("precision", "precision", "s"),
+                    ("memory_format", "format", "s"),
+                    ("img_s", "img/s", ".1f"),
+                    ("spread", "range", "s"),
+                    ("gflops", "GFLOP/s", ".1f"),
+                    ("peak", "% of matmul", ".0f"),
+                ],
+            )
+            + f"\nmatmul peak ({results['matmul_peak'][next(iter(results['matmul_peak']))]['size']}^2): {peaks}; "
+            f"{results['rows'][0]['flops_per_image'] / 1e9:.2f} GFLOP per image (fwd + bwd, counted)"
+        )
     if mode == "train":
         f = results["fractions"]
-        return (f"{results['world_size']} process(es), {results['loader']} loader, global batch {results['global_batch']} = "
-                f"{results['micro_batch_size']} x {results['world_size']} x {results['grad_accum_steps']} accumulation step(s), "
-                f"sync_bn {'on' if results['sync_bn'] else 'off'}: {results['images_per_s']:.1f} img/s, "
-                f"optimizer step {1000 * results['step_time']:.0f} ms = data wait {100 * f['data wait']:.0f}% "
-                f"+ compute {100 * f['compute']:.0f}% + communication {100 * f['communication']:.0f}%\n"
-                f"bottleneck: {results['bottleneck']}; most likely to move it: {results['advice']}")
+        return (
+            f"{results['world_size']} process(es), {results['loader']} loader, global batch {results['global_batch']} = "
+            f"{results['micro_batch_size']} x {results['world_size']} x {results['grad_accum_steps']} accumulation step(s), "
+            f"sync_bn {'on' if results['sync_bn'] else 'off'}: {results['images_per_s']:.1f} img/s, "
+            f"optimizer step {1000 * results['step_time']:.0f} ms = data wait {100 * f['data wait']:.0f}% "
+            f"+ compute {100 * f['compute']:.0f}% + communication {100 * f['communication']:.0f}%\n"
+            f"bottleneck: {results['bottleneck']}; most likely to move it: {results['advice']}"
+        )
     if mode == "startup":
         largest = ", ".join(f"{r['package']} {r['cumulative_s']:.1f} s" for r in results["largest_imports"])
         first, imports = results["time_to_first_step_s"], results["import_s"]
-        return (f"time to first step {first['median']:.1f} s (range {first['min']:.1f}-{first['max']:.1f}), of which imports "
-                f"{imports['median']:.1f} s (range {imports['min']:.1f}-{imports['max']:.1f}); largest imports: {largest}")
+        return (
+            f"time to first step {first['median']:.1f} s (range {first['min']:.1f}-{first['max']:.1f}), of which imports "
+            f"{imports['median']:.1f} s (range {imports['min']:.1f}-{imports['max']:.1f}); largest imports: {largest}"
+        )
     rows = [{**r, "eff": 100 * r["efficiency"]} for r in results["rows"]]
-    return table(rows, [("processes", "processes", "d"), ("images_per_s", "img/s", ".1f"), ("eff", "efficiency %", ".0f"),
-                        ("bottleneck", "bottleneck", "s")])
+    return table(
+        rows,
+        [
+            ("processes", "processes", "d"),
+            ("images_per_s", "img/s", ".1f"),
+            ("eff", "efficiency %", ".0f"),
+            ("bottleneck", "bottleneck", "s"),
+        ],
+    )
 
 
 def run(args: argparse.Namespace) -> Path | None:
@@ -95,9 +156,20 @@ def run(args: argparse.Namespace) -> Path | None:
     elif args.mode == "step":
         from .step import bench_step
 
-        results = bench_step(cfg.model, NUM_CLASSES, cfg.data.image_size, cfg.train.global_batch_size, device,
-                             precisions=args.precisions, formats=args.formats, compile_model=args.compile,
-                             warmup=args.warmup, steps=args.steps, repeats=args.repeats, matmul_size=args.matmul_size)
+        results = bench_step(
+            cfg.model,
+            NUM_CLASSES,
+            cfg.data.image_size,
+            cfg.train.global_batch_size,
+            device,
+            precisions=args.precisions,
+            formats=args.formats,
+            compile_model=args.compile,
+            warmup=args.warmup,
+            steps=args.steps,
+            repeats=args.repeats,
+            matmul_size=args.matmul_size,
+        )
     elif args.mode == "train":
         from .loop import bench_train
 
@@ -115,8 +187,15 @@ def run(args: argparse.Namespace) -> Path | None:
         from .scaling import bench_scaling
 
         path = out_path(args.out, cfg, args.mode)
-        results = bench_scaling(args.config, args.overrides, cfg.train.global_batch_size, args.max_processes,
-                                args.warmup, args.steps, path.parent / "scaling")
+        results = bench_scaling(
+            args.config,
+            args.overrides,
+            cfg.train.global_batch_size,
+            args.max_processes,
+            args.warmup,
+            args.steps,
+            path.parent / "scaling",
+        )
     path = write_result(out_path(args.out, cfg, args.mode), args.mode, cfg, device, results, world, nodes)
     print(_report(args.mode, results))
     print(f"wrote {path}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,16 +31,21 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:  # not Linux: say nothing rather than guess
             return ()
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.split(":")[0].strip() == "flags"), [])
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.split(":")[0].strip() == "flags"), []
+    )
     return tuple(f for f in BF16_FLAGS if f in flags)
 
 
-def measure_bf16_speedup(step: Callable[[], object], device_type: str = "cpu", warmup: int = 1, repeats: int = 3) -> float:
+def measure_bf16_speedup(
+    step: Callable[[], object], device_type: str = "cpu", warmup: int = 1, repeats: int = 3
+) -> float:
     """How many times faster `step()` runs under bf16 autocast than in fp32 (> 1: bf16 is faster), by median times.
 
     `step` is one training step (forward, backward, update) on a fixed batch. The two precisions
     alternate, so a machine that slows down during the measurement slows both alike.
     """
+
     def seconds(bf16: bool) -> float:
         if device_type == "cuda":
             torch.cuda.synchronize()  # queued work is not this step's
@@ -64,15 +69,23 @@ def _cpu_precision(cfg: Config, bf16_speedup: float | None, cpu_flags: tuple[str
     if cfg.train.mixed_precision == "no" and bf16_speedup >= MIN_SPEEDUP:
         flags = cpu_bf16_flags() if cpu_flags is None else cpu_flags
         if flags:
-            return (f"train.mixed_precision=bf16 (a bf16 step measured {bf16_speedup:.2f}x as fast as fp32 here; "
-                    f"the CPU has {', '.join(flags)})")
+            return (
+                f"train.mixed_precision=bf16 (a bf16 step measured {bf16_speedup:.2f}x as fast as fp32 here; "
+                f"the CPU has {', '.join(flags)})"
+            )
     if cfg.train.mixed_precision == "bf16" and bf16_speedup * MIN_SPEEDUP <= 1:
         return f"train.mixed_precision=no (a bf16 step measured {1 / bf16_speedup:.2f}x as slow as fp32 here)"
     return None
 
 
-def advice(cfg: Config, device: torch.device, bottleneck: str, *, bf16_speedup: float | None = None,
-           cpu_flags: tuple[str, ...] | None = None) -> str:
+def advice(
+    cfg: Config,
+    device: torch.device,
+    bottleneck: str,
+    *,
+    bf16_speedup: float | None = None,
+    cpu_flags: tuple[str, ...] | None = None,
+) -> str:
     """The one setting most likely to move the bottleneck.
 
     `bf16_speedup`: fp32 step time over bf16 step time as measured on this machine (measure_bf16_speedup),

@@ -23,7 +23,9 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
     """Rows as an aligned text table; columns are (key, header, format spec)."""
-    cells = [[h for _, h, _ in columns]] + [[format(r.get(k, ""), f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]
+    cells = [[h for _, h, _ in columns]] + [
+        [format(r.get(k, ""), f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows
+    ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
@@ -34,16 +36,32 @@ def out_path(out: Path | None, cfg: Config, mode: str) -> Path:
     return Path(cfg.train.output_dir) / f"bench-{mode}-{datetime.now().strftime('%Y%m%d-%H%M%S')}" / "bench.json"
 
 
-def write_result(path: Path, mode: str, cfg: Config, device: torch.device, results: dict[str, Any],
-                 world_size: int = 1, num_nodes: int = 1) -> Path:
+def write_result(
+    path: Path,
+    mode: str,
+    cfg: Config,
+    device: torch.device,
+    results: dict[str, Any],
+    world_size: int = 1,
+    num_nodes: int = 1,
+) -> Path:
     """The figures with the machine, the versions and the config that produced them."""
     from ..data import dali_status
 
-    env = {**environment(world_size, num_nodes, device), "dali": dali_status()[1], "torch_threads": torch.get_num_threads(),
-           "load_average_at_end": os.getloadavg()}  # other processes on the machine lower every figure
-    record = {"mode": mode, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["flowers-dist", *sys.argv[1:]]) if sys.argv else None,
-              "environment": env, "config": cfg.to_dict(), "results": results}
+    env = {
+        **environment(world_size, num_nodes, device),
+        "dali": dali_status()[1],
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": os.getloadavg(),
+    }  # other processes on the machine lower every figure
+    record = {
+        "mode": mode,
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["flowers-dist", *sys.argv[1:]]) if sys.argv else None,
+        "environment": env,
+        "config": cfg.to_dict(),
+        "results": results,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path

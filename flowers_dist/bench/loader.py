@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -29,15 +30,16 @@ from ..steps import sync
 from .common import spread
 
 
-def loader_rates(cfg: DataConfig, split: Split, batch: int, placement: Placement, epochs: int,
-                 dali_fused: bool | None = None) -> list[float]:
+def loader_rates(
+    cfg: DataConfig, split: Split, batch: int, placement: Placement, epochs: int, dali_fused: bool | None = None
+) -> list[float]:
     """Images/s the loader yields in each of `epochs` epochs after one warm-up epoch.
 
     dali_fused=False builds the DALI loader with DALI's own rotate/colour operators on the CPU
     (see data/dali_fused.py), to show what the fused kernel gains; None builds what training builds.
     """
     if dali_fused is None:
-        loader = build_loader(cfg, split, train=True, batch_per_rank=batch, placement=placement, seed=0)
+        loader = build_loader(cfg, split, train=True, batch_size=batch, placement=placement, seed=0)
     else:
         from ..data.dali import build_dali_loader
 
@@ -51,7 +53,6 @@ def loader_rates(cfg: DataConfig, split: Split, batch: int, placement: Placement
         return images
 
     rates = _epochs_of(epoch, epochs)
-    del loader
     return rates
 
 
@@ -98,7 +99,6 @@ def dali_decode_rates(split: Split, batch: int, threads: int, device: torch.devi
         return steps * batch
 
     rates = _epochs_of(epoch, epochs)
-    del pipe
     return rates
 
 
@@ -124,16 +124,26 @@ def bench_loader(cfg: Config, device: torch.device, workers: int, repeats: int, 
         "pil_decode_only": lambda: pil_decode_rates(split, workers, epochs),
     }
     if _fused_applies(cfg.data, device):
-        settings["dali_with_dali_ops"] = lambda: loader_rates(dataclasses.replace(cfg.data, loader="dali"), split, batch,
-                                                             placement, epochs, dali_fused=False)
+        settings["dali_with_dali_ops"] = lambda: loader_rates(
+            dataclasses.replace(cfg.data, loader="dali"), split, batch, placement, epochs, dali_fused=False
+        )
     rates: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(repeats):
         for name, run in settings.items():
             rates[name] += run()
     rows = [{"setting": name, "images_per_s": spread(r)} for name, r in rates.items()]
     medians = {row["setting"]: row["images_per_s"]["median"] for row in rows}
-    return {"images": len(split), "batch": batch, "workers": workers, "repeats": repeats, "epochs": epochs,
-            "rows": rows, "ratio_dali_over_torch": medians["dali"] / medians["torch"],
-            "dali_fraction_of_decode_ceiling": medians["dali"] / medians["dali_decode_only"],
-            "torch_fraction_of_decode_ceiling": medians["torch"] / medians["pil_decode_only"],
-            "fused_finish_speedup": (medians["dali"] / medians["dali_with_dali_ops"]) if "dali_with_dali_ops" in medians else None}
+    return {
+        "images": len(split),
+        "batch": batch,
+        "workers": workers,
+        "repeats": repeats,
+        "epochs": epochs,
+        "rows": rows,
+        "ratio_dali_over_torch": medians["dali"] / medians["torch"],
+        "dali_fraction_of_decode_ceiling": medians["dali"] / medians["dali_decode_only"],
+        "torch_fraction_of_decode_ceiling": medians["torch"] / medians["pil_decode_only"],
+        "fused_finish_speedup": (medians["dali"] / medians["dali_with_dali_ops"])
+        if "dali_with_dali_ops" in medians
+        else None,
+    }

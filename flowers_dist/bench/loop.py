@@ -32,8 +32,9 @@ from .advice import advice, cpu_bf16_flags, measure_bf16_speedup
 from .common import spread
 
 
-def _timed_steps(parts: Parts, accelerator, batches, lr: float, steps: int,
-                 sync_gradients: bool = True) -> tuple[list[float], list[float]]:
+def _timed_steps(
+    parts: Parts, accelerator, batches, lr: float, steps: int, sync_gradients: bool = True
+) -> tuple[list[float], list[float]]:
     """Per optimizer step (data wait, compute) seconds."""
     device = accelerator.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -42,9 +43,18 @@ def _timed_steps(parts: Parts, accelerator, batches, lr: float, steps: int,
         clock = LoaderClock(device, exact=True)  # a batch still being copied is data wait, not compute
         sync(device)
         start = time.perf_counter()
-        optimizer_step(parts.model, parts.optimizer, batches, accum=parts.layout.accum, lr=lr, sums=sums,
-                       backward=accelerator.backward, no_sync=accelerator.no_sync, clock=clock,
-                       sync_gradients=sync_gradients)
+        optimizer_step(
+            parts.model,
+            parts.optimizer,
+            batches,
+            accum=parts.layout.accum,
+            lr=lr,
+            sums=sums,
+            backward=accelerator.backward,
+            no_sync=accelerator.no_sync,
+            clock=clock,
+            sync_gradients=sync_gradients,
+        )
         sync(device)
         waits.append(clock.waited)
         computes.append(time.perf_counter() - start - clock.waited)
@@ -72,15 +82,20 @@ def bench_train(cfg: Config, warmup: int, steps: int) -> tuple[dict[str, Any] | 
         print(data.skipped.line(), flush=True)
     parts = build_parts(cfg, accelerator, data)
     layout, world, device = parts.layout, accelerator.num_processes, accelerator.device
-    lr = lr_at_step(cfg.optim, 0, 0, layout.steps_per_epoch, total_epochs=cfg.train.epochs,
-                    global_batch_size=layout.global_batch)
+    lr = lr_at_step(
+        cfg.optim, 0, 0, layout.steps_per_epoch, total_epochs=cfg.train.epochs, global_batch_size=layout.global_batch
+    )
     batches = endless(parts.train_loader)
     parts.model.train()
     _timed_steps(parts, accelerator, batches, lr, warmup)
     waits, computes = _timed_steps(parts, accelerator, batches, lr, steps)
     step_times = [w + c for w, c in zip(waits, computes)]
-    local = {"rank": accelerator.process_index, "data_wait": spread(waits), "compute": spread(computes),
-             "step_time": spread(step_times)}
+    local = {
+        "rank": accelerator.process_index,
+        "data_wait": spread(waits),
+        "compute": spread(computes),
+        "step_time": spread(step_times),
+    }
     if world > 1:
         _, local_computes = _timed_steps(parts, accelerator, batches, lr, steps, sync_gradients=False)
         local["compute_no_sync"] = spread(local_computes)
@@ -101,15 +116,28 @@ def bench_train(cfg: Config, warmup: int, steps: int) -> tuple[dict[str, Any] | 
         bare = accelerator.unwrap_model(parts.model, keep_torch_compile=False)
         bf16_speedup = measure_bf16_speedup(lambda: one_batch_step(bare, parts.optimizer, images, labels))
     return {
-        "world_size": world, "num_nodes": num_nodes(accelerator), "device": str(device), **parts.choices(),
-        "sync_bn_why": parts.sync_bn_why, "global_batch": layout.global_batch,
-        "images_per_step": layout.global_batch, "data_check_skipped": data.skipped.count,
-        "warmup": warmup, "steps": steps, "steps_are": "optimizer steps (grad_accum_steps micro-batches each)",
+        "world_size": world,
+        "num_nodes": num_nodes(accelerator),
+        "device": str(device),
+        **parts.choices(),
+        "sync_bn_why": parts.sync_bn_why,
+        "global_batch": layout.global_batch,
+        "images_per_step": layout.global_batch,
+        "data_check_skipped": data.skipped.count,
+        "warmup": warmup,
+        "steps": steps,
+        "steps_are": "optimizer steps (grad_accum_steps micro-batches each)",
         "images_per_s": layout.global_batch / step,
         "images_per_s_per_process": layout.global_batch / step / world,
-        "step_time": step, "data_wait": wait, "compute": compute, "communication": comm,
+        "step_time": step,
+        "data_wait": wait,
+        "compute": compute,
+        "communication": comm,
         "fractions": {k: v / step for k, v in split.items()},
         "compute_only_images_per_s": layout.global_batch / (step - wait),
-        "bottleneck": bottleneck, "bf16_speedup": bf16_speedup, "cpu_bf16_flags": list(cpu_bf16_flags()),
-        "advice": advice(cfg, device, bottleneck, bf16_speedup=bf16_speedup), "ranks": ranks,
+        "bottleneck": bottleneck,
+        "bf16_speedup": bf16_speedup,
+        "cpu_bf16_flags": list(cpu_bf16_flags()),
+        "advice": advice(cfg, device, bottleneck, bf16_speedup=bf16_speedup),
+        "ranks": ranks,
     }, accelerator

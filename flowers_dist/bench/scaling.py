@@ -31,20 +31,56 @@ def _free_port() -> int:
 def launch_command(k: int, bench_args: list[str]) -> list[str]:
     if k == 1:
         return [sys.executable, "-m", "flowers_dist", *bench_args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(k),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "flowers_dist", *bench_args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(k),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "flowers_dist",
+        *bench_args,
+    ]
 
 
-def bench_scaling(config: Path, overrides: list[str], batch_per_process: int, max_processes: int, warmup: int, steps: int,
-                  workdir: Path, timeout: float = 1800) -> dict[str, Any]:
+def bench_scaling(
+    config: Path,
+    overrides: list[str],
+    micro_batch: int,
+    max_processes: int,
+    warmup: int,
+    steps: int,
+    workdir: Path,
+    timeout: float = 1800,
+) -> dict[str, Any]:
     """One row per world size: images/s, the split of the step time and the efficiency against k x one process."""
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for k in range(1, max_processes + 1):
         out = workdir / f"train-{k}.json"
-        args = ["bench", "train", "--config", str(config), *overrides, f"train.global_batch_size={batch_per_process * k}",
-                "--warmup", str(warmup), "--steps", str(steps), "--out", str(out)]
+        args = [
+            "bench",
+            "train",
+            "--config",
+            str(config),
+            *overrides,
+            f"train.global_batch_size={micro_batch * k}",
+            "--warmup",
+            str(warmup),
+            "--steps",
+            str(steps),
+            "--out",
+            str(out),
+        ]
         env = {**os.environ, "WANDB_MODE": "disabled"}
         if not torch.cuda.is_available():
             env["OMP_NUM_THREADS"] = str(default_workers(k))
@@ -52,8 +88,22 @@ def bench_scaling(config: Path, overrides: list[str], batch_per_process: int, ma
         if proc.returncode != 0:
             raise RuntimeError(f"bench train on {k} process(es) exited {proc.returncode}:\n{proc.stderr[-3000:]}")
         result = json.loads(out.read_text())["results"]
-        rows.append({"processes": k, "images_per_s": result["images_per_s"], "step_time": result["step_time"],
-                     "fractions": result["fractions"], "bottleneck": result["bottleneck"], "json": str(out)})
+        rows.append(
+            {
+                "processes": k,
+                "images_per_s": result["images_per_s"],
+                "step_time": result["step_time"],
+                "fractions": result["fractions"],
+                "bottleneck": result["bottleneck"],
+                "json": str(out),
+            }
+        )
     for row in rows:
         row["efficiency"] = row["images_per_s"] / (row["processes"] * rows[0]["images_per_s"])
-    return {"batch_per_process": batch_per_process, "max_processes": max_processes, "warmup": warmup, "steps": steps, "rows": rows}
+    return {
+        "micro_batch_size": micro_batch,
+        "max_processes": max_processes,
+        "warmup": warmup,
+        "steps": steps,
+        "rows": rows,
+    }

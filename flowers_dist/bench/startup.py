@@ -23,15 +23,38 @@ from .common import spread
 # What `train` imports before its first step, in one line (the loaders' modules are imported on use).
 IMPORTS = "import flowers_dist.cli, flowers_dist.train, flowers_dist.data.dali"
 # The packages whose import time is reported (a package imported inside another counts in both).
-PACKAGES = ("torch", "torchvision", "timm", "accelerate", "nvidia.dali", "numba", "numpy", "PIL", "yaml", "torch._dynamo")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "accelerate",
+    "nvidia.dali",
+    "numba",
+    "numpy",
+    "PIL",
+    "yaml",
+    "torch._dynamo",
+)
 
 
 def first_step_seconds(config: Path, overrides: list[str], run_dir: Path, timeout: float = 600) -> float:
     """Wall seconds from launching a 1-step training run to its first `step` row."""
     metrics = metrics_log.path_of(run_dir)
-    cmd = [sys.executable, "-m", "flowers_dist", "train", "--config", str(config), *overrides, "train.epochs=1",
-           "train.max_steps_per_epoch=1", "train.log_every=1", "train.progress=lines",
-           f"train.output_dir={run_dir.parent}", f"train.name={run_dir.name}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flowers_dist",
+        "train",
+        "--config",
+        str(config),
+        *overrides,
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+        "train.log_every=1",
+        "train.progress=lines",
+        f"train.output_dir={run_dir.parent}",
+        f"train.name={run_dir.name}",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -54,7 +77,9 @@ def first_step_seconds(config: Path, overrides: list[str], run_dir: Path, timeou
 def import_seconds() -> tuple[float, list[dict[str, Any]]]:
     """Wall seconds of the training imports in a fresh interpreter, and the import time of each of PACKAGES, largest first."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", IMPORTS], capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", IMPORTS], capture_output=True, text=True, timeout=600, check=False
+    )
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"importing the training modules failed: {proc.stderr[-2000:]}")
@@ -75,5 +100,9 @@ def bench_startup(config: Path, overrides: list[str], workdir: Path, repeats: in
         imp, largest = import_seconds()
         imports.append(imp)
         firsts.append(first_step_seconds(config, overrides, workdir / f"startup-{i}"))
-    return {"repeats": repeats, "time_to_first_step_s": spread(firsts), "import_s": spread(imports),
-            "largest_imports": largest}
+    return {
+        "repeats": repeats,
+        "time_to_first_step_s": spread(firsts),
+        "import_s": spread(imports),
+        "largest_imports": largest,
+    }

@@ -64,7 +64,9 @@ def matmul_peak(device: torch.device, precision: str, size: int, reps: int) -> d
     return {"size": size, "flops_per_s": spread(rates)}
 
 
-def step_rates(model, optimizer, images, labels, device, precision: str, warmup: int, steps: int, repeats: int) -> list[float]:
+def step_rates(
+    model, optimizer, images, labels, device, precision: str, warmup: int, steps: int, repeats: int
+) -> list[float]:
     """Images/s of `repeats` runs of `steps` steps each, after `warmup` untimed steps."""
     with autocast(device, precision):
         for _ in range(warmup):
@@ -80,13 +82,28 @@ def step_rates(model, optimizer, images, labels, device, precision: str, warmup:
     return rates
 
 
-def bench_step(model_cfg: ModelConfig, num_classes: int, image_size: int, batch: int, device: torch.device, *,
-               precisions: list[str], formats: list[str], compile_model: bool, warmup: int, steps: int, repeats: int,
-               matmul_size: int, lr: float = 1e-3) -> dict[str, Any]:
+def bench_step(
+    model_cfg: ModelConfig,
+    num_classes: int,
+    image_size: int,
+    batch: int,
+    device: torch.device,
+    *,
+    precisions: list[str],
+    formats: list[str],
+    compile_model: bool,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    matmul_size: int,
+    lr: float = 1e-3,
+) -> dict[str, Any]:
     """One row per (precision, memory format): images/s, achieved FLOP/s and its fraction of the matmul peak (the best product)."""
     unsupported = [p for p in precisions if p not in precisions_available(device)]
     if unsupported:
-        raise ValueError(f"precision {unsupported[0]} is not available on {device.type} (available: {precisions_available(device)})")
+        raise ValueError(
+            f"precision {unsupported[0]} is not available on {device.type} (available: {precisions_available(device)})"
+        )
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
@@ -96,7 +113,9 @@ def bench_step(model_cfg: ModelConfig, num_classes: int, image_size: int, batch:
         peaks[precision] = matmul_peak(device, precision, matmul_size, reps)
         for memory_format in formats:
             channels_last = memory_format == "channels_last"
-            model = build_model(ModelConfig(name=model_cfg.name, pretrained="none", channels_last=channels_last), num_classes).to(device)
+            model = build_model(
+                ModelConfig(name=model_cfg.name, pretrained="none", channels_last=channels_last), num_classes
+            ).to(device)
             x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
             with autocast(device, precision):
                 flops = count_flops(model, x, labels)
@@ -105,8 +124,16 @@ def bench_step(model_cfg: ModelConfig, num_classes: int, image_size: int, batch:
             rates = step_rates(stepped, optimizer, x, labels, device, precision, warmup, steps, repeats)
             med = spread(rates)["median"]
             achieved = med * flops / batch
-            rows.append({"precision": precision, "memory_format": memory_format, "compiled": compile_model,
-                         "images_per_s": spread(rates), "flops_per_image": flops / batch, "achieved_flops_per_s": achieved})
+            rows.append(
+                {
+                    "precision": precision,
+                    "memory_format": memory_format,
+                    "compiled": compile_model,
+                    "images_per_s": spread(rates),
+                    "flops_per_image": flops / batch,
+                    "achieved_flops_per_s": achieved,
+                }
+            )
             del model, optimizer, stepped
         # Measured again after the steps: the peak is the best product seen, so a burst of load from
         # other processes during one measurement does not flatter the step.
@@ -115,5 +142,12 @@ def bench_step(model_cfg: ModelConfig, num_classes: int, image_size: int, batch:
         for row in rows:
             if row["precision"] == precision:
                 row["fraction_of_matmul_peak"] = row["achieved_flops_per_s"] / peaks[precision]["flops_per_s"]["max"]
-    return {"image_size": image_size, "batch": batch, "warmup": warmup, "steps": steps, "repeats": repeats,
-            "matmul_peak": peaks, "rows": rows}
+    return {
+        "image_size": image_size,
+        "batch": batch,
+        "warmup": warmup,
+        "steps": steps,
+        "repeats": repeats,
+        "matmul_peak": peaks,
+        "rows": rows,
+    }

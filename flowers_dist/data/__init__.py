@@ -6,7 +6,6 @@ import logging
 import os
 import platform
 import sys
-
 from typing import TYPE_CHECKING
 
 from ..config import DataConfig
@@ -26,7 +25,18 @@ def __getattr__(name: str):
         return getattr(contract, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["BatchLoader", "DataError", "Placement", "Split", "build_loader", "dali_status", "default_workers", "scan_dataset", "scan_split"]
+
+__all__ = [
+    "BatchLoader",
+    "DataError",
+    "Placement",
+    "Split",
+    "build_loader",
+    "dali_status",
+    "default_workers",
+    "scan_dataset",
+    "scan_split",
+]
 
 
 def default_workers(local_world_size: int) -> int:
@@ -46,16 +56,30 @@ def dali_status() -> tuple[bool, str]:
         import nvidia.dali  # noqa: F401
         import nvidia.dali.plugin.pytorch  # noqa: F401
     except (ImportError, OSError, RuntimeError) as exc:  # OSError: a wheel whose CUDA libraries do not load
-        return False, f"nvidia.dali does not import ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return (
+            False,
+            f"nvidia.dali does not import ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+        )
     return True, f"nvidia.dali {nvidia.dali.__version__} imports"
 
 
-def build_loader(cfg: DataConfig, split: Split, *, train: bool, batch_per_rank: int, placement: Placement, seed: int,
-                 max_steps: int = 0, resume_state: str | None = None, accum: int = 1) -> BatchLoader:
+def build_loader(
+    cfg: DataConfig,
+    split: Split,
+    *,
+    train: bool,
+    batch_size: int,
+    placement: Placement,
+    seed: int,
+    max_steps: int = 0,
+    resume_state: str | None = None,
+    accum: int = 1,
+) -> BatchLoader:
     """The loader that cfg.loader names (auto: DALI when it imports, else PyTorch), behind the one contract.
 
-    `batch_per_rank` is the micro-batch; training yields `accum` of them per optimizer step (the
-    PyTorch loader deals each global batch as contract.train_shard says; `max_steps` counts micro-batches).
+    `batch_size` is this process's batch: in training the micro-batch (train.micro_batch_size), `accum` of
+    them per optimizer step (the PyTorch loader deals each global batch as contract.train_shard says;
+    `max_steps` counts micro-batches); in evaluation train.eval_batch_size.
 
     `resume_state` is what this rank's loader returned from `resume_state()` when the run was saved.
     """
@@ -63,8 +87,10 @@ def build_loader(cfg: DataConfig, split: Split, *, train: bool, batch_per_rank: 
     if kind in ("dali", "auto"):
         ok, why = dali_status()
         if kind == "dali" and not ok:
-            raise DataError(f"data.loader=dali: {why}; install it with `pip install nvidia-dali-cuda130` "
-                            "(nvidia-dali-cuda120 for CUDA 12 torch), or set data.loader=torch")
+            raise DataError(
+                f"data.loader=dali: {why}; install it with `pip install nvidia-dali-cuda130` "
+                "(nvidia-dali-cuda120 for CUDA 12 torch), or set data.loader=torch"
+            )
         if kind == "auto":
             kind = "dali" if ok else "torch"
             if train and placement.rank == 0:  # once per run: the training loader is built once, first
@@ -72,7 +98,7 @@ def build_loader(cfg: DataConfig, split: Split, *, train: bool, batch_per_rank: 
     if kind == "dali":
         from .dali import build_dali_loader
 
-        return build_dali_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps, resume_state, accum=accum)
+        return build_dali_loader(cfg, split, train, batch_size, placement, seed, max_steps, resume_state, accum=accum)
     from .torch_loader import build_torch_loader
 
-    return build_torch_loader(cfg, split, train, batch_per_rank, placement, seed, max_steps, accum)
+    return build_torch_loader(cfg, split, train, batch_size, placement, seed, max_steps, accum)

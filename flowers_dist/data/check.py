@@ -60,8 +60,9 @@ class CheckReport:
         return 1 if self.skipped() else 0
 
     def skipped(self) -> list[tuple[str, Probe]]:
-        return ([(s, p) for s, ps in self.probes.items() for p in ps if p.skipped]
-                + [(s, p) for s, ps in self.outside.items() for p in ps])
+        return [(s, p) for s, ps in self.probes.items() for p in ps if p.skipped] + [
+            (s, p) for s, ps in self.outside.items() for p in ps
+        ]
 
     def skipped_counts(self) -> dict[str, int]:
         return dict(Counter(p.kind for _, p in self.skipped()))
@@ -89,20 +90,34 @@ class CheckReport:
 
     def to_dict(self) -> dict:
         return {
-            "root": str(self.root), "exit_code": self.exit_code, "fatal": self.fatal, "seconds": self.seconds,
-            "probed": self.probed, "from_cache": self.cached, "cache_file": str(self.cache_file) if self.cache_file else None,
+            "root": str(self.root),
+            "exit_code": self.exit_code,
+            "fatal": self.fatal,
+            "seconds": self.seconds,
+            "probed": self.probed,
+            "from_cache": self.cached,
+            "cache_file": str(self.cache_file) if self.cache_file else None,
             "skipped_counts": self.skipped_counts(),
-            "classes": {s: {c: {"files": n, "usable": u} for c, (n, u) in self.class_counts(s).items()} for s in self.splits},
-            "files": [{"split": s, **p.to_dict(), "decoders": DECODERS.get(p.kind, "")}
-                      for s, ps in [*self.probes.items(), *self.outside.items()] for p in ps if p.kind != "ok"],
+            "classes": {
+                s: {c: {"files": n, "usable": u} for c, (n, u) in self.class_counts(s).items()} for s in self.splits
+            },
+            "files": [
+                {"split": s, **p.to_dict(), "decoders": DECODERS.get(p.kind, "")}
+                for s, ps in [*self.probes.items(), *self.outside.items()]
+                for p in ps
+                if p.kind != "ok"
+            ],
         }
 
     def format(self) -> str:
         total = sum(len(ps) for ps in self.probes.values())
-        lines = [f"data check of {self.root}: {total} files ("
-                 + ", ".join(f"{len(ps)} {s}" for s, ps in self.probes.items())
-                 + f"), {self.seconds:.1f} s ({self.probed} probed, {self.cached} from the cache"
-                 + (f" {self.cache_file}" if self.cache_file else "") + ")"]
+        lines = [
+            f"data check of {self.root}: {total} files ("
+            + ", ".join(f"{len(ps)} {s}" for s, ps in self.probes.items())
+            + f"), {self.seconds:.1f} s ({self.probed} probed, {self.cached} from the cache"
+            + (f" {self.cache_file}" if self.cache_file else "")
+            + ")"
+        ]
         names = [s for s in SPLITS if s in self.splits]
         if names:
             counts = {s: self.class_counts(s) for s in names}
@@ -110,7 +125,9 @@ class CheckReport:
             width = max(12, *(len(c) for c in classes)) if classes else 12
             lines.append("per class (files / usable): " + "  ".join(names))
             for c in classes:
-                cells = [f"{counts[s][c][0]:>5} / {counts[s][c][1]:<5}" if c in counts[s] else "    missing  " for s in names]
+                cells = [
+                    f"{counts[s][c][0]:>5} / {counts[s][c][1]:<5}" if c in counts[s] else "    missing  " for s in names
+                ]
                 lines.append(f"  {c:<{width}} " + "  ".join(cells))
         if self.fatal:
             lines.append(f"problems that stop training ({len(self.fatal)}):")
@@ -137,7 +154,11 @@ def list_split(split_dir: Path, name: str) -> tuple[SplitFiles, list[str]]:
     if not split_dir.is_dir():
         return SplitFiles(name, split_dir, [], [], []), [f"data folder {split_dir} does not exist"]
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    problems = [] if classes else [f"data folder {split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>.jpg)"]
+    problems = (
+        []
+        if classes
+        else [f"data folder {split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>.jpg)"]
+    )
     files: list[Path] = []
     labels: list[int] = []
     for label, c in enumerate(classes):
@@ -155,7 +176,11 @@ def from_split(name: str, split: Split) -> SplitFiles:
 
 def outside_probe(path: Path) -> Probe:
     """The verdict on an image outside every class folder (not probed: no loader would read it)."""
-    return Probe(str(path), "outside_class_folders", f"directly in {path.parent.name}/, outside any class folder: it has no label")
+    return Probe(
+        str(path),
+        "outside_class_folders",
+        f"directly in {path.parent.name}/, outside any class folder: it has no label",
+    )
 
 
 def _probe_all(paths: list[str], cfg: DataConfig, workers: int, progress: bool) -> list[Probe]:
@@ -164,7 +189,9 @@ def _probe_all(paths: list[str], cfg: DataConfig, workers: int, progress: bool) 
     limits = (cfg.max_pixels, cfg.min_side)
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     out: dict[int, list[Probe]] = {}
-    with tqdm(total=len(paths), unit="file", desc="data check", file=sys.stderr, disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=len(paths), unit="file", desc="data check", file=sys.stderr, disable=not progress, leave=False
+    ) as bar:
         if workers <= 1 or len(chunks) <= 1:
             for i, chunk in enumerate(chunks):
                 out[i] = probe_many((chunk, *limits))
@@ -194,14 +221,25 @@ def _mark_copies(probes: dict[str, list[Probe]], root: Path) -> None:
             elif p.digest in mine:
                 first = mine[p.digest]
                 # The same photo under two classes is a label conflict, not just a repeat.
-                conflict = " (another class: conflicting labels)" if Path(first).parent.name != Path(p.path).parent.name else ""
+                conflict = (
+                    " (another class: conflicting labels)"
+                    if Path(first).parent.name != Path(p.path).parent.name
+                    else ""
+                )
                 probes[name][i] = replace(p, kind="duplicate", detail=f"same bytes as {rel(first)}{conflict}")
             else:
                 mine[p.digest] = p.path
 
 
-def check_splits(root: Path, splits: dict[str, SplitFiles], cfg: DataConfig, *, workers: int, progress: bool = False,
-                 fatal: list[str] | None = None) -> CheckReport:
+def check_splits(
+    root: Path,
+    splits: dict[str, SplitFiles],
+    cfg: DataConfig,
+    *,
+    workers: int,
+    progress: bool = False,
+    fatal: list[str] | None = None,
+) -> CheckReport:
     """Probe the files of the given splits (cached), mark copies, and find classes left without images."""
     start = time.perf_counter()
     cache = CheckCache(cache_path(root, cfg.check_cache), (cfg.max_pixels, cfg.min_side))
@@ -213,9 +251,16 @@ def check_splits(root: Path, splits: dict[str, SplitFiles], cfg: DataConfig, *, 
     saved = cache.save() if todo else True
     probes = {name: [known[str(f)] or fresh[str(f)] for f in s.files] for name, s in splits.items()}
     _mark_copies(probes, root)
-    report = CheckReport(root, splits, probes, list(fatal or []), probed=len(todo), cached=len(paths) - len(todo),
-                         cache_file=cache.path if saved else None,
-                         outside={name: [outside_probe(f) for f in s.outside] for name, s in splits.items() if s.outside})
+    report = CheckReport(
+        root,
+        splits,
+        probes,
+        list(fatal or []),
+        probed=len(todo),
+        cached=len(paths) - len(todo),
+        cache_file=cache.path if saved else None,
+        outside={name: [outside_probe(f) for f in s.outside] for name, s in splits.items() if s.outside},
+    )
     for name, s in splits.items():
         for c, (n, usable) in report.class_counts(name).items():
             if n and not usable:

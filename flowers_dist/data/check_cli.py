@@ -9,15 +9,27 @@ from pathlib import Path
 
 
 def add_arguments(check: argparse.ArgumentParser) -> None:
-    check.add_argument("root", type=Path, nargs="?", help="data-set root holding train/ and val/, or one folder of class folders")
-    check.add_argument("--quarantine", type=Path, metavar="DIR",
-                       help="move every file training would skip into DIR (never deleted), with DIR/manifest.json")
+    check.add_argument(
+        "root", type=Path, nargs="?", help="data-set root holding train/ and val/, or one folder of class folders"
+    )
+    check.add_argument(
+        "--quarantine",
+        type=Path,
+        metavar="DIR",
+        help="move every file training would skip into DIR (never deleted), with DIR/manifest.json",
+    )
     check.add_argument("--restore", type=Path, metavar="MANIFEST", help="put the files of a quarantine manifest back")
     check.add_argument("--json", type=Path, metavar="FILE", help="also write the full report as JSON")
-    check.add_argument("--config", type=Path, help="YAML config whose data section sets the limits (data.max_pixels, data.min_side)")
+    check.add_argument(
+        "--config", type=Path, help="YAML config whose data section sets the limits (data.max_pixels, data.min_side)"
+    )
     check.add_argument("--workers", type=int, default=-1, help="probe processes (-1 = every core)")
-    check.add_argument("--progress", choices=["auto", "bar", "none"], default="auto",
-                       help="progress bar on stderr: auto = only on a terminal")
+    check.add_argument(
+        "--progress",
+        choices=["auto", "bar", "none"],
+        default="auto",
+        help="progress bar on stderr: auto = only on a terminal",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     code = report.exit_code
     if args.quarantine is not None and report.skipped():
         manifest = quarantine(report, args.quarantine)
-        print(f"moved {len(report.skipped())} file(s) to {args.quarantine}; put them back with "
-              f"`flowers-dist data check --restore {manifest}`")
+        print(
+            f"moved {len(report.skipped())} file(s) to {args.quarantine}; put them back with "
+            f"`flowers-dist data check --restore {manifest}`"
+        )
         code = 2 if report.fatal else 0  # what is left in the data set: the skipped files are gone from it
     return code

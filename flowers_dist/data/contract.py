@@ -10,8 +10,9 @@ iteration starts (a run resumed mid-epoch). The loop never asks which loader it 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -50,12 +51,13 @@ class Placement:
     workers: int = 0
 
 
-def train_shard(num_files: int, batch_per_rank: int, rank: int, world_size: int, seed: int, epoch: int,
-                accum: int = 1) -> list[list[int]]:
+def train_shard(
+    num_files: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, accum: int = 1
+) -> list[list[int]]:
     """This rank's training (micro-)batches for one epoch, `accum` per optimizer step.
 
     One permutation of all files, seeded by (seed, epoch) and therefore the same on every
-    rank, is cut into full global batches of batch_per_rank x world_size x accum files; the
+    rank, is cut into full global batches of batch_size x world_size x accum files; the
     tail that does not fill one is dropped so every rank runs the same number of steps (a rank
     with fewer would hang the all-reduce). Each global batch is dealt into world_size x accum
     slices, every (world_size x accum)-th file; rank r's micro-batch j is slice j x world_size + r.
@@ -65,7 +67,7 @@ def train_shard(num_files: int, batch_per_rank: int, rank: int, world_size: int,
     order = list(range(num_files))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     slices = world_size * accum
-    global_batch = batch_per_rank * slices
+    global_batch = batch_size * slices
     batches = []
     for start in range(0, num_files - global_batch + 1, global_batch):
         for micro in range(accum):

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.data_node import DataNode
 from nvidia.dali import math as dmath
+from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from ..config import DataConfig
@@ -85,9 +85,18 @@ def _reader(files: list[str], labels: list[int], shard_id: int, num_shards: int,
         order = list(range(len(files)))
         random.Random(reader_seed).shuffle(order)
         files, labels = [files[i] for i in order], [labels[i] for i in order]
-    return fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
-                           shuffle_after_epoch=shuffle, random_shuffle=False, seed=reader_seed,
-                           pad_last_batch=True, stick_to_shard=not shuffle, name=READER)
+    return fn.readers.file(
+        files=files,
+        labels=labels,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        shuffle_after_epoch=shuffle,
+        random_shuffle=False,
+        seed=reader_seed,
+        pad_last_batch=True,
+        stick_to_shard=not shuffle,
+        name=READER,
+    )
 
 
 def _mixed_decoder(cfg: DataConfig) -> dict:
@@ -101,8 +110,13 @@ def _normalize(images, cfg: DataConfig, mirror, dtype: torch.dtype, channels_las
     # DALI has no bfloat16: it emits float32 and the loader casts on the device.
     out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
     return fn.crop_mirror_normalize(
-        images, mirror=mirror, mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std],
-        dtype=out_type, output_layout="HWC" if channels_last else "CHW")
+        images,
+        mirror=mirror,
+        mean=[m * 255 for m in cfg.mean],
+        std=[s * 255 for s in cfg.std],
+        dtype=out_type,
+        output_layout="HWC" if channels_last else "CHW",
+    )
 
 
 def _augment_draws(cfg: DataConfig):
@@ -141,8 +155,13 @@ def _finish_fused(images, draws, cfg: DataConfig, dtype: torch.dtype, channels_l
     from . import dali_fused
 
     angle, colour, mirror = draws
-    params = [angle if angle is not None else 0.0, *(colour if colour is not None else (1.0, 1.0, 1.0)),
-              fn.cast(mirror, dtype=types.FLOAT), *[m * 255 for m in cfg.mean], *[1 / (s * 255) for s in cfg.std]]
+    params = [
+        angle if angle is not None else 0.0,
+        *(colour if colour is not None else (1.0, 1.0, 1.0)),
+        fn.cast(mirror, dtype=types.FLOAT),
+        *[m * 255 for m in cfg.mean],
+        *[1 / (s * 255) for s in cfg.std],
+    ]
     assert len(params) == dali_fused.NUM_PARAMS
     params = fn.stack(*[p if isinstance(p, DataNode) else types.Constant(p, dtype=types.FLOAT) for p in params])
     images = dali_fused.finish_operator(channels_last)(images, params)
@@ -150,9 +169,20 @@ def _finish_fused(images, draws, cfg: DataConfig, dtype: torch.dtype, channels_l
 
 
 @pipeline_def
-def train_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_id: int, num_shards: int,
-                   reader_seed: int, on_gpu: bool, dtype: torch.dtype = torch.float32,
-                   channels_last: bool = False, debug: bool = False, fused: bool = False, shuffle: bool = True):
+def train_pipeline(
+    files: list[str],
+    labels: list[int],
+    cfg: DataConfig,
+    shard_id: int,
+    num_shards: int,
+    reader_seed: int,
+    on_gpu: bool,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    debug: bool = False,
+    fused: bool = False,
+    shuffle: bool = True,
+):
     """Random-resized crop, flip, optional rotation and colour jitter, normalise.
 
     shuffle=False reads the files in the order given (the per-epoch lists of `_CutEpochs`).
@@ -169,10 +199,17 @@ def train_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_i
     # nvJPEG's default buffer padding (16 MB device, 8 MB host per thread) already holds these
     # photos; NVIDIA's ImageNet example pads 211/141 MB per thread, gigabytes at 16 threads.
     decoder = _mixed_decoder(cfg) if on_gpu else dict(device="cpu")
-    crops = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(cfg.scale),
-                                          random_aspect_ratio=list(cfg.ratio), num_attempts=10, **decoder)
-    images = fn.resize(crops, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_LINEAR,
-                       antialias=True)
+    crops = fn.decoders.image_random_crop(
+        jpegs,
+        output_type=types.RGB,
+        random_area=list(cfg.scale),
+        random_aspect_ratio=list(cfg.ratio),
+        num_attempts=10,
+        **decoder,
+    )
+    images = fn.resize(
+        crops, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_LINEAR, antialias=True
+    )
     draws = _augment_draws(cfg)
     finish = _finish_fused if fused else _finish_with_dali_ops
     images = finish(images, draws, cfg, dtype, channels_last)
@@ -207,8 +244,16 @@ def _eval_geometry(jpegs, cfg: DataConfig):
 
 
 @pipeline_def
-def val_pipeline(files: list[str], labels: list[int], cfg: DataConfig, shard_id: int, num_shards: int,
-                 on_gpu: bool, dtype: torch.dtype = torch.float32, channels_last: bool = False):
+def val_pipeline(
+    files: list[str],
+    labels: list[int],
+    cfg: DataConfig,
+    shard_id: int,
+    num_shards: int,
+    on_gpu: bool,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+):
     """Resize the shorter side to cfg.eval_resize, centre-crop image_size, normalise."""
     jpegs, label = _reader(files, labels, shard_id, num_shards, False, 0)
     # Fancy upsampling makes nvJPEG's chroma match libjpeg-turbo (and PIL), so evaluation on
@@ -235,15 +280,25 @@ class _CutEpochs:
     epoch boundary with no saved state. Costs one pipeline build per epoch.
     """
 
-    def __init__(self, make_pipeline: Callable[[list[int], int], object], num_files: int, batch: int, rank: int,
-                 world: int, seed: int, steps: int, accum: int = 1):
+    def __init__(
+        self,
+        make_pipeline: Callable[[list[int], int], object],
+        num_files: int,
+        batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        steps: int,
+        accum: int = 1,
+    ):
         self.make_pipeline, self.num_files, self.batch = make_pipeline, num_files, batch
         self.rank, self.world, self.seed, self.steps, self.accum = rank, world, seed, steps, accum
 
     def files(self, epoch: int) -> list[int]:
         """Indices of this rank's files of the epoch, in reading order."""
-        batches = train_shard(self.num_files, self.batch, self.rank, self.world, self.seed, epoch,
-                              self.accum)[:self.steps]
+        batches = train_shard(self.num_files, self.batch, self.rank, self.world, self.seed, epoch, self.accum)[
+            : self.steps
+        ]
         return [i for b in batches for i in b]
 
     def pipeline(self, epoch: int):
@@ -262,8 +317,18 @@ class DaliLoader:
 
     kind = "dali"
 
-    def __init__(self, pipeline, *, train: bool, steps: int, num_samples: int, placement: Placement, split: Split,
-                 restored: bool = False, cut: _CutEpochs | None = None):
+    def __init__(
+        self,
+        pipeline,
+        *,
+        train: bool,
+        steps: int,
+        num_samples: int,
+        placement: Placement,
+        split: Split,
+        restored: bool = False,
+        cut: _CutEpochs | None = None,
+    ):
         self.train, self.num_samples, self.placement, self.split = train, num_samples, placement, split
         self.epoch, self.skip = 0, 0
         self._mid_epoch = False
@@ -275,8 +340,9 @@ class DaliLoader:
 
     def _make_iterator(self, pipeline) -> DALIGenericIterator:
         try:  # the iterator already runs the pipeline for its first batch
-            return DALIGenericIterator(pipeline, OUTPUTS, reader_name=READER,
-                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+            return DALIGenericIterator(
+                pipeline, OUTPUTS, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
+            )
         except RuntimeError as exc:
             raise self._decode_error(exc) from None
 
@@ -329,7 +395,9 @@ class DaliLoader:
         skip, self.skip = self.skip, 0
         for step in range(self.steps):
             batch = self._next()
-            if step < skip:  # a mid-epoch resume: the epoch is a function of the epoch, the first `skip` batches were trained
+            if (
+                step < skip
+            ):  # a mid-epoch resume: the epoch is a function of the epoch, the first `skip` batches were trained
                 continue
             if batch is None:
                 raise RuntimeError(f"DALI's epoch ended after fewer than {self.steps} batches")
@@ -370,9 +438,11 @@ class DaliLoader:
         bad = suspect_files(self.split.files)
         named = f"; files that look truncated or not images: {', '.join(map(str, bad))}" if bad else ""
         root = self.split.root.parent if self.split.root.name in ("train", "val") else self.split.root
-        return DataError(f"the DALI pipeline failed on {self.split.root}: {detail[:300]}{named} "
-                         "(data.check=true, the default, leaves undecodable files out; "
-                         f"`flowers-dist data check {root}` lists them)")
+        return DataError(
+            f"the DALI pipeline failed on {self.split.root}: {detail[:300]}{named} "
+            "(data.check=true, the default, leaves undecodable files out; "
+            f"`flowers-dist data check {root}` lists them)"
+        )
 
 
 def suspect_files(files, limit: int = 3) -> list:
@@ -421,9 +491,18 @@ def _built(pipe, split: Split):
     return pipe
 
 
-def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement,
-                      seed: int, max_steps: int = 0, resume_state: str | None = None,
-                      fused: bool | None = None, accum: int = 1) -> DaliLoader:
+def build_dali_loader(
+    cfg: DataConfig,
+    split: Split,
+    train: bool,
+    batch_size: int,
+    placement: Placement,
+    seed: int,
+    max_steps: int = 0,
+    resume_state: str | None = None,
+    fused: bool | None = None,
+    accum: int = 1,
+) -> DaliLoader:
     """The DALI loader for one split; placement.workers is DALI's thread count (0 counts as 1).
 
     fused: end the CPU training graph with the one-pass kernel (None: wherever it applies and
@@ -436,9 +515,20 @@ def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank
     on_gpu = p.device.type == "cuda"
     # Accelerate binds each process to its local GPU; device.index is that GPU.
     device_id = (p.device.index if p.device.index is not None else torch.cuda.current_device()) if on_gpu else None
-    common = dict(files=[str(f) for f in split.files], labels=list(split.labels), cfg=cfg, shard_id=p.rank,
-                  num_shards=p.world_size, on_gpu=on_gpu, dtype=p.dtype, channels_last=p.channels_last,
-                  batch_size=batch_per_rank, num_threads=max(1, p.workers), device_id=device_id, **OWN_THE_BATCH)
+    common = dict(
+        files=[str(f) for f in split.files],
+        labels=list(split.labels),
+        cfg=cfg,
+        shard_id=p.rank,
+        num_shards=p.world_size,
+        on_gpu=on_gpu,
+        dtype=p.dtype,
+        channels_last=p.channels_last,
+        batch_size=batch_size,
+        num_threads=max(1, p.workers),
+        device_id=device_id,
+        **OWN_THE_BATCH,
+    )
     n = len(split)
     if not train:
         pipe = val_pipeline(**common, seed=seed % 2**31)
@@ -448,29 +538,53 @@ def build_dali_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank
         return DaliLoader(_built(pipe, split), train=False, steps=0, num_samples=num_samples, placement=p, split=split)
     # Micro-batches of the epoch's full optimizer steps: with accumulation the last partial global batch
     # is left to the drain, so the one pipeline and its reader state serve every epoch, as without it.
-    full_steps = n // (batch_per_rank * p.world_size * accum) * accum
+    full_steps = n // (batch_size * p.world_size * accum) * accum
     steps = min(full_steps, max_steps) if max_steps else full_steps
     if steps == 0:
-        raise DataError(f"{split.root}: {n} images do not fill one global batch of {batch_per_rank * p.world_size * accum}")
+        raise DataError(f"{split.root}: {n} images do not fill one global batch of {batch_size * p.world_size * accum}")
     # The augmentation seed differs per rank; the reader's seed is the same on all.
     # Checkpointing lets a resumed run continue the reader's permutations and the random
     # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
     auto_fused, why = use_fused_finish(cfg, on_gpu)
     fused = auto_fused if fused is None else fused
     if p.rank == 0:
-        log.info("DALI training graph on the %s: %s", "GPU" if on_gpu else "CPU",
-                 why if fused == auto_fused else f"fused={fused} as asked")
+        log.info(
+            "DALI training graph on the %s: %s",
+            "GPU" if on_gpu else "CPU",
+            why if fused == auto_fused else f"fused={fused} as asked",
+        )
     pipe_seed = (seed * 1_000_003 + p.rank) % 2**31
     if steps < full_steps:
-        def epoch_pipeline(indices: list[int], epoch: int):
-            files = dict(files=[common["files"][i] for i in indices], labels=[common["labels"][i] for i in indices],
-                         shard_id=0, num_shards=1)
-            return train_pipeline(**{**common, **files}, reader_seed=seed, seed=(pipe_seed * 1_000_003 + epoch) % 2**31,
-                                  fused=fused, shuffle=False, enable_checkpointing=True)
 
-        cut = _CutEpochs(epoch_pipeline, n, batch_per_rank, p.rank, p.world_size, seed, steps, accum)
-        return DaliLoader(None, train=True, steps=steps, num_samples=steps * batch_per_rank, placement=p, split=split, cut=cut)
-    pipe = train_pipeline(**common, reader_seed=seed, seed=pipe_seed, fused=fused,
-                          enable_checkpointing=True, checkpoint=resume_state)
-    return DaliLoader(_built(pipe, split), train=True, steps=steps, num_samples=steps * batch_per_rank, placement=p, split=split,
-                      restored=resume_state is not None)
+        def epoch_pipeline(indices: list[int], epoch: int):
+            files = dict(
+                files=[common["files"][i] for i in indices],
+                labels=[common["labels"][i] for i in indices],
+                shard_id=0,
+                num_shards=1,
+            )
+            return train_pipeline(
+                **{**common, **files},
+                reader_seed=seed,
+                seed=(pipe_seed * 1_000_003 + epoch) % 2**31,
+                fused=fused,
+                shuffle=False,
+                enable_checkpointing=True,
+            )
+
+        cut = _CutEpochs(epoch_pipeline, n, batch_size, p.rank, p.world_size, seed, steps, accum)
+        return DaliLoader(
+            None, train=True, steps=steps, num_samples=steps * batch_size, placement=p, split=split, cut=cut
+        )
+    pipe = train_pipeline(
+        **common, reader_seed=seed, seed=pipe_seed, fused=fused, enable_checkpointing=True, checkpoint=resume_state
+    )
+    return DaliLoader(
+        _built(pipe, split),
+        train=True,
+        steps=steps,
+        num_samples=steps * batch_size,
+        placement=p,
+        split=split,
+        restored=resume_state is not None,
+    )

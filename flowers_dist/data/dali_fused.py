@@ -51,7 +51,10 @@ def numba_status() -> tuple[bool, str]:
 
         _numba_function_class()
     except (ImportError, OSError) as exc:
-        return False, f"numba does not import ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return (
+            False,
+            f"numba does not import ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+        )
     return True, f"numba {numba.__version__}"
 
 
@@ -64,7 +67,11 @@ def _finish(out, img, prm, chw):
     b, c, s = prm[BRIGHTNESS], prm[CONTRAST], prm[SATURATION]
     # b * c * (s I + (1 - s) 1 w^T): row i is k (1 - s) w, plus k s on the diagonal.
     k = b * c
-    g0, g1, g2 = k * (one - s) * np.float32(_LUMA[0]), k * (one - s) * np.float32(_LUMA[1]), k * (one - s) * np.float32(_LUMA[2])
+    g0, g1, g2 = (
+        k * (one - s) * np.float32(_LUMA[0]),
+        k * (one - s) * np.float32(_LUMA[1]),
+        k * (one - s) * np.float32(_LUMA[2]),
+    )
     d = k * s
     offset = np.float32(128.0) * (one - c) * b
     # Normalisation folded into one multiply-add: (v - mean) / std = v * inv - mean * inv.
@@ -143,5 +150,13 @@ def finish_operator(channels_last: bool):
             else:
                 outs[0][i][0], outs[0][i][1], outs[0][i][2] = h, w, ch
 
-    return NumbaFunction(run_fn=run, setup_fn=setup, in_types=[types.UINT8, types.FLOAT], out_types=[types.FLOAT],
-                         ins_ndim=[3, 1], outs_ndim=[3], batch_processing=False, device="cpu")
+    return NumbaFunction(
+        run_fn=run,
+        setup_fn=setup,
+        in_types=[types.UINT8, types.FLOAT],
+        out_types=[types.FLOAT],
+        ins_ndim=[3, 1],
+        outs_ndim=[3],
+        batch_processing=False,
+        device="cpu",
+    )

@@ -56,16 +56,22 @@ def download(url: str, target: Path, sha256: str, timeout: float = 60.0, progres
         # http.client ends the read quietly when the connection drops early; say so rather than
         # reporting it as a checksum mismatch.
         if total is not None and received != total:
-            raise FetchError(f"download of {url} was cut short: got {received} of {total} bytes; the download was deleted")
+            raise FetchError(
+                f"download of {url} was cut short: got {received} of {total} bytes; the download was deleted"
+            )
         if digest.hexdigest() != sha256.lower():
-            raise FetchError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}; the download was deleted")
+            raise FetchError(
+                f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}; the download was deleted"
+            )
         part.replace(target)
     finally:
         # Also on Ctrl-C: a .part file is never a usable archive.
         part.unlink(missing_ok=True)
 
 
-def stratified_split(files_by_class: dict[str, list[str]], val_fraction: float, seed: int) -> dict[str, dict[str, list[str]]]:
+def stratified_split(
+    files_by_class: dict[str, list[str]], val_fraction: float, seed: int
+) -> dict[str, dict[str, list[str]]]:
     """Per class: sort the names, shuffle with a fixed seed, the first val_fraction go to val.
 
     Every class keeps at least one image in each split: the data loader rejects an empty class folder.
@@ -74,7 +80,9 @@ def stratified_split(files_by_class: dict[str, list[str]], val_fraction: float, 
     for name in sorted(files_by_class):
         files = sorted(files_by_class[name])
         if len(files) < 2:
-            raise FetchError(f"class {name!r} has {len(files)} image(s); at least 2 are needed to put one in each of train and val")
+            raise FetchError(
+                f"class {name!r} has {len(files)} image(s); at least 2 are needed to put one in each of train and val"
+            )
         random.Random(f"{seed}-{name}").shuffle(files)
         n_val = min(max(round(len(files) * val_fraction), 1), len(files) - 1)
         split["val"][name] = sorted(files[:n_val])
@@ -95,13 +103,27 @@ def _extract(archive: Path, into: Path) -> Path:
 
 def _images_by_class(top: Path) -> dict[str, list[str]]:
     # Hidden entries are skipped: macOS archives carry '._name.jpg' resource forks that are not JPEGs.
-    found = {d.name: [f.name for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
-             for d in sorted(top.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    found = {
+        d.name: [
+            f.name
+            for f in d.iterdir()
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+        ]
+        for d in sorted(top.iterdir())
+        if d.is_dir() and not d.name.startswith(".")
+    }
     return {k: v for k, v in found.items() if v}
 
 
-def fetch_flowers(dest: str | Path, url: str = FLOWERS_URL, sha256: str = FLOWERS_SHA256, val_fraction: float = 0.2,
-                  seed: int = 0, keep_archive: bool = False, progress: bool | None = None) -> Path:
+def fetch_flowers(
+    dest: str | Path,
+    url: str = FLOWERS_URL,
+    sha256: str = FLOWERS_SHA256,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    keep_archive: bool = False,
+    progress: bool | None = None,
+) -> Path:
     """Make dest/train and dest/val; a folder without the completion marker is treated as unfinished.
 
     progress: show a download bar; None = only when stderr is a terminal (a bar in a log file is noise).
@@ -119,7 +141,9 @@ def fetch_flowers(dest: str | Path, url: str = FLOWERS_URL, sha256: str = FLOWER
     # module made them. From the first rename on, .staging or split.json is there until .complete is.
     existing = [p for p in ("train", "val") if (dest / p).exists()]
     if existing and not (staging.exists() or (dest / "split.json").exists()):
-        raise FetchError(f"{dest} already holds {' and '.join(existing)}/ that fetch did not write; choose a new or empty folder")
+        raise FetchError(
+            f"{dest} already holds {' and '.join(existing)}/ that fetch did not write; choose a new or empty folder"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     archive = dest / Path(url.split("?")[0]).name
     # An archive kept from an earlier fetch may come from another URL or checksum: reuse it only if it matches.
@@ -143,7 +167,11 @@ def fetch_flowers(dest: str | Path, url: str = FLOWERS_URL, sha256: str = FLOWER
                     (top / name / f).replace(staging / part / name / f)
         for part in split:
             (staging / part).replace(dest / part)
-        (dest / "split.json").write_text(json.dumps({"url": url, "sha256": sha256, "val_fraction": val_fraction, "seed": seed, "split": split}, indent=1))
+        (dest / "split.json").write_text(
+            json.dumps(
+                {"url": url, "sha256": sha256, "val_fraction": val_fraction, "seed": seed, "split": split}, indent=1
+            )
+        )
     except BaseException:
         # Leave no half-made split behind (the archive, verified, stays for the next attempt).
         for made in (staging, dest / "train", dest / "val", dest / "split.json"):

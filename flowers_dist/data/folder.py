@@ -46,7 +46,9 @@ def scan_split(split_dir: str | Path, classes: list[str] | tuple[str, ...] | Non
     if classes is not None and list(classes) != found:
         missing = sorted(set(classes) - set(found))
         extra = sorted(set(found) - set(classes))
-        raise DataError(f"class folders of {split_dir} differ from the expected classes (missing: {missing or 'none'}, unexpected: {extra or 'none'})")
+        raise DataError(
+            f"class folders of {split_dir} differ from the expected classes (missing: {missing or 'none'}, unexpected: {extra or 'none'})"
+        )
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(found):

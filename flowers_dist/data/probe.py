@@ -17,8 +17,17 @@ from dataclasses import asdict, dataclass
 from PIL import Image, UnidentifiedImageError
 
 # Kinds that keep a file out of training (the loaders never see it).
-SKIPPED = ("unreadable", "zero_bytes", "truncated", "not_image", "too_large", "too_small", "duplicate", "leak",
-           "outside_class_folders")
+SKIPPED = (
+    "unreadable",
+    "zero_bytes",
+    "truncated",
+    "not_image",
+    "too_large",
+    "too_small",
+    "duplicate",
+    "leak",
+    "outside_class_folders",
+)
 # Kinds of readable files that both decoders handle; reported, kept.
 NOTES = ("not_jpeg", "cmyk", "grayscale", "progressive", "exif_orientation")
 
@@ -27,12 +36,12 @@ NOTES = ("not_jpeg", "cmyk", "grayscale", "progressive", "exif_orientation")
 # runs DALI on the kept kinds again.
 DECODERS = {
     "unreadable": "PIL: cannot identify it or 'broken data stream'; DALI: fails the batch (garbled header), or "
-                  "silently decodes damaged pixels (garbled scan data); a symlink loop: ELOOP on open",
+    "silently decodes damaged pixels (garbled scan data); a symlink loop: ELOOP on open",
     "zero_bytes": "PIL: cannot identify image file; DALI: 'File mapping failed', the batch fails",
     "truncated": "PIL: 'image file is truncated'; DALI: 'Premature end of JPEG data', the batch fails",
     "not_image": "PIL: cannot identify image file; DALI: nvImageCodec failure, the batch fails",
     "too_large": "PIL: DecompressionBombError above 178,956,970 pixels, a warning above 89,478,485; DALI: "
-                 "libjpeg-turbo refuses, then a fallback decoder allocates the full image (1.2 GB of grey for 20000x20000)",
+    "libjpeg-turbo refuses, then a fallback decoder allocates the full image (1.2 GB of grey for 20000x20000)",
     "too_small": "PIL and DALI: decode it (a 1x1 image is upscaled to a flat colour)",
     "duplicate": "both decode it; training keeps the first copy in the split",
     "leak": "both decode it; training keeps the train copy and leaves the val copy out of evaluation",
@@ -70,7 +79,7 @@ class Probe:
         return {**asdict(self), "notes": list(self.notes), "skipped": self.skipped}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Probe":
+    def from_dict(cls, d: dict) -> Probe:
         return cls(**{k: (tuple(v) if k == "notes" else v) for k, v in d.items() if k != "skipped"})
 
 
@@ -78,8 +87,16 @@ def sniff(head: bytes) -> str:
     """What the first bytes say the file is, whatever its name."""
     if head.startswith(b"\xff\xd8"):  # SOI; what follows may be damaged
         return "JPEG"
-    signatures = {b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
-                  b"%PDF": "PDF", b"PK\x03\x04": "ZIP archive", b"\x1f\x8b": "gzip data"}
+    signatures = {
+        b"\x89PNG\r\n\x1a\n": "PNG",
+        b"GIF8": "GIF",
+        b"BM": "BMP",
+        b"II*\x00": "TIFF",
+        b"MM\x00*": "TIFF",
+        b"%PDF": "PDF",
+        b"PK\x03\x04": "ZIP archive",
+        b"\x1f\x8b": "gzip data",
+    }
     for sig, name in signatures.items():
         if head.startswith(sig):
             return name

@@ -37,9 +37,15 @@ def quarantine(report: CheckReport, dest: Path) -> Path:
             if exc.errno != 18:  # EXDEV: another file system
                 raise DataError(f"could not move {src} to {target}: {exc.strerror}") from None
             shutil.move(str(src), str(target))
-        entries.append({"from": str(origin),
-                        "to": str(target.absolute()), "kind": probe.kind, "detail": probe.detail,
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        entries.append(
+            {
+                "from": str(origin),
+                "to": str(target.absolute()),
+                "kind": probe.kind,
+                "detail": probe.detail,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        )
     dest.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"root": str(report.root.absolute()), "moved": entries}, indent=1) + "\n")
     return manifest

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import signal
 import warnings
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Callable, Iterator
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,7 +33,9 @@ def train_transform(cfg: DataConfig) -> Callable:
     if cfg.rotation > 0:
         steps.append(v2.RandomRotation(cfg.rotation))
     if cfg.color_jitter > 0:
-        steps.append(v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter))
+        steps.append(
+            v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter)
+        )
     steps.append(v2.PILToTensor())
     return v2.Compose(steps)
 
@@ -105,7 +107,7 @@ class _EpochBatches:
         self.make, self.epoch, self.skip, self.length = make, 0, 0, length
 
     def __iter__(self):
-        for batch in self.make(self.epoch)[self.skip:]:
+        for batch in self.make(self.epoch)[self.skip :]:
             yield [(i, self.epoch) for i in batch]
 
     def __len__(self) -> int:
@@ -126,8 +128,14 @@ class TorchLoader:
 
     kind = "torch"
 
-    def __init__(self, dataset: ImageFiles, batches: _EpochBatches, normalize: DeviceNormalizer, placement: Placement,
-                 image_size: int):
+    def __init__(
+        self,
+        dataset: ImageFiles,
+        batches: _EpochBatches,
+        normalize: DeviceNormalizer,
+        placement: Placement,
+        image_size: int,
+    ):
         self.batches = batches
         self.normalize = normalize
         self.device = placement.device
@@ -174,21 +182,33 @@ class TorchLoader:
             yield pending
 
 
-def build_torch_loader(cfg: DataConfig, split: Split, train: bool, batch_per_rank: int, placement: Placement, seed: int, max_steps: int = 0,
-                       accum: int = 1) -> TorchLoader:
+def build_torch_loader(
+    cfg: DataConfig,
+    split: Split,
+    train: bool,
+    batch_size: int,
+    placement: Placement,
+    seed: int,
+    max_steps: int = 0,
+    accum: int = 1,
+) -> TorchLoader:
     p = placement
     if train:
+
         def make(epoch: int) -> list[list[int]]:
-            batches = train_shard(len(split), batch_per_rank, p.rank, p.world_size, seed, epoch, accum)
+            batches = train_shard(len(split), batch_size, p.rank, p.world_size, seed, epoch, accum)
             return batches[:max_steps] if max_steps else batches
-        length = len(split) // (batch_per_rank * p.world_size * accum) * accum  # train_shard's micro-batches
+
+        length = len(split) // (batch_size * p.world_size * accum) * accum  # train_shard's micro-batches
         length = min(length, max_steps) if max_steps else length
         transform = train_transform(cfg)
     else:
+
         def make(epoch: int) -> list[list[int]]:
-            return eval_shard(len(split), batch_per_rank, p.rank, p.world_size)
+            return eval_shard(len(split), batch_size, p.rank, p.world_size)
+
         mine = len(range(p.rank, len(split), p.world_size))  # eval_shard's files of this rank
-        length = -(-mine // batch_per_rank)
+        length = -(-mine // batch_size)
         transform = eval_transform(cfg)
     # Each file's augmentation depends on (seed, epoch, file), not on the rank that reads it.
     dataset = ImageFiles(split, transform, seed, cfg.max_pixels)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..config import DataConfig
 from . import default_workers
@@ -30,17 +30,29 @@ class Skipped:
     def line(self) -> str:
         if not self.checked:
             outside = f"; {self.count} file(s) outside class folders skipped" if self.count else ""
-            return "data check: off (data.check=false); the PyTorch loader skips unreadable files, DALI stops on one" + outside
+            return (
+                "data check: off (data.check=false); the PyTorch loader skips unreadable files, DALI stops on one"
+                + outside
+            )
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.by_kind.items()))
         where = f"; cache {self.cache_file}" if self.cache_file else "; cache not writable"
-        return (f"data check: {self.count} file(s) skipped" + (f" ({kinds})" if kinds else "")
-                + f", {self.seconds:.1f} s, {self.probed} probed{where}")
+        return (
+            f"data check: {self.count} file(s) skipped"
+            + (f" ({kinds})" if kinds else "")
+            + f", {self.seconds:.1f} s, {self.probed} probed{where}"
+        )
 
     def record(self) -> dict:
         """The metrics.jsonl `data_check` event (a few files named; `flowers-dist data check` lists them all)."""
-        return {"event": "data_check", "checked": self.checked, "skipped": self.count, "skipped_by_kind": self.by_kind,
-                "skipped_files": [{"path": p, "kind": k, "detail": d} for p, k, d in self.files[:50]],
-                "check_seconds": self.seconds, "probed": self.probed}
+        return {
+            "event": "data_check",
+            "checked": self.checked,
+            "skipped": self.count,
+            "skipped_by_kind": self.by_kind,
+            "skipped_files": [{"path": p, "kind": k, "detail": d} for p, k, d in self.files[:50]],
+            "check_seconds": self.seconds,
+            "probed": self.probed,
+        }
 
 
 def _workers(cfg: DataConfig) -> int:
@@ -57,8 +69,14 @@ def _skipped(report: CheckReport, log_each: bool = True) -> Skipped:
     files = tuple((p.path, p.kind, p.detail) for _, p in report.skipped())
     if log_each:
         _warn_each(files)
-    return Skipped(len(files), report.skipped_counts(), files, report.seconds, report.probed,
-                   str(report.cache_file) if report.cache_file else None)
+    return Skipped(
+        len(files),
+        report.skipped_counts(),
+        files,
+        report.seconds,
+        report.probed,
+        str(report.cache_file) if report.cache_file else None,
+    )
 
 
 def _raise_fatal(report: CheckReport) -> None:
@@ -80,8 +98,13 @@ def usable_splits(cfg: DataConfig, progress: bool = False) -> tuple[Split, Split
     train, val = scan_dataset(cfg.root)  # layout errors, as before
     if not cfg.check:
         return train, val, _unchecked(train, val)
-    report = check_splits(Path(cfg.root), {"train": from_split("train", train), "val": from_split("val", val)}, cfg,
-                          workers=_workers(cfg), progress=progress)
+    report = check_splits(
+        Path(cfg.root),
+        {"train": from_split("train", train), "val": from_split("val", val)},
+        cfg,
+        workers=_workers(cfg),
+        progress=progress,
+    )
     _raise_fatal(report)
     return report.usable("train"), report.usable("val"), _skipped(report)
 
