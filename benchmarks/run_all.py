@@ -1,4 +1,4 @@
-"""The README's performance figures: runs every `flowers-dist bench` mode and prints the Markdown tables.
+"""The performance figures of docs/benchmarks.md: runs every `flowers-dist bench` mode and prints the Markdown tables.
 
 Each command writes its JSON (machine, versions, config, every figure) to
 benchmarks/results/bench-<mode>-<host>.json; the tables are made from those files only.

@@ -40,7 +40,7 @@ class DiskError(RuntimeError):
     """A checkpoint or metrics write failed (e.g. No space left on device); the previous checkpoint is intact."""
 
 
-# Exit codes of `flowers-dist` (documented in the README; launch/slurm.sbatch requeues on EXIT_PREEMPTED).
+# Exit codes of `flowers-dist` (documented in docs/cluster.md, "Exit codes"; launch/slurm.sbatch requeues on EXIT_PREEMPTED).
 EXIT_OK = 0
 EXIT_USER_ERROR = 2  # one-line error: config, data, weights, unreadable checkpoint, run folder in use
 EXIT_HUNG = 69  # EX_UNAVAILABLE: a peer rank stopped answering (watchdog or collective timeout)

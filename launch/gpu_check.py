@@ -5,7 +5,7 @@ Run by launch/gpu_check.sh after its pre-flight (launch/gpu_preflight.py), from 
     python launch/gpu_check.py [--data .gpu_carry] [--batch 256] [--window 5] [--repeats 3] [--dry-run] [--out DIR]
 
 It prints its own estimate of its duration first and one table last: every check and every
-figure beside its goal (README, "GPU check"). --dry-run runs every step that needs no CUDA, on
+figure beside its goal (docs/gpu-check.md). --dry-run runs every step that needs no CUDA, on
 the CPU at tiny sizes, so that a typo cannot cost device time. Exits 1 when a check fails.
 """
 

@@ -12,7 +12,7 @@
 #      torch, DALI's CUDA major = torch's, every declared requirement met), name the wheel to
 #      carry for anything missing; then install only what is missing, offline, and check again;
 #   3. launch/gpu_check.py: the checks and figures, ending with one table (every check, every
-#      figure beside its goal; README "GPU check" says how to read it).
+#      figure beside its goal; docs/gpu-check.md says how to read it).
 # --dry-run (CI, on the CPU): the same steps on the same wheels and file layout, with pip's
 # --dry-run against the host's Python 3.12 tags and every CRC of every wheel checked, then
 # `gpu_check.py --dry-run`, which runs every step that does not need CUDA, at tiny sizes.
