@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from ..config import Config, DataConfig
-from ..data import Placement, build_loader, scan_dataset
+from ..data import Placement, build_loader
 from ..data.folder import Split
+from ..data.usable import usable_splits
 from ..steps import sync
 from .common import spread
 
@@ -114,7 +115,8 @@ def _fused_applies(data: DataConfig, device: torch.device) -> bool:
 
 def bench_loader(cfg: Config, device: torch.device, workers: int, repeats: int, epochs: int) -> dict[str, Any]:
     """Images/s of every setting (median and spread over repeats x epochs) and the DALI / PyTorch ratio."""
-    split, _ = scan_dataset(cfg.data.root)
+    split, _, skipped = usable_splits(cfg.data)  # the files training reads: those the data check keeps
+    print(skipped.line(), flush=True)
     batch = cfg.train.global_batch_size
     placement = Placement(rank=0, world_size=1, device=device, workers=workers)
     settings: dict[str, Callable[[], list[float]]] = {

@@ -15,13 +15,12 @@ global batch per optimizer step.
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from ..config import Config
 from ..distributed import num_nodes
@@ -81,63 +80,86 @@ def bench_train(cfg: Config, warmup: int, steps: int) -> tuple[dict[str, Any] | 
     if accelerator.is_main_process:
         print(data.skipped.line(), flush=True)
     parts = build_parts(cfg, accelerator, data)
-    layout, world, device = parts.layout, accelerator.num_processes, accelerator.device
+    layout = parts.layout
     lr = lr_at_step(
         cfg.optim, 0, 0, layout.steps_per_epoch, total_epochs=cfg.train.epochs, global_batch_size=layout.global_batch
     )
     batches = endless(parts.train_loader)
     parts.model.train()
     _timed_steps(parts, accelerator, batches, lr, warmup)
-    waits, computes = _timed_steps(parts, accelerator, batches, lr, steps)
-    step_times = [w + c for w, c in zip(waits, computes)]
-    local = {
-        "rank": accelerator.process_index,
-        "data_wait": spread(waits),
-        "compute": spread(computes),
-        "step_time": spread(step_times),
-    }
-    if world > 1:
-        _, local_computes = _timed_steps(parts, accelerator, batches, lr, steps, sync_gradients=False)
-        local["compute_no_sync"] = spread(local_computes)
-        local["allreduce_gradient_buffer"] = spread(_allreduce_seconds(parts.model, device))
+    local = _rank_times(parts, accelerator, batches, lr, steps)
+    bf16_speedup = _bf16_speedup(parts, accelerator, batches)
     ranks = gather_object([local])
     if not accelerator.is_main_process:
         return None, accelerator
-    wait, step = statistics.median(waits), statistics.median(step_times)
-    comm = max(0.0, local["compute"]["median"] - local["compute_no_sync"]["median"]) if world > 1 else 0.0
-    compute = step - wait - comm
-    split = {"data wait": wait, "compute": compute, "communication": comm}
+    split = _split(local, accelerator.num_processes)
     bottleneck = max(split, key=split.get)
-    bf16_speedup = None
-    if device.type == "cpu" and bottleneck == "compute" and cpu_bf16_flags():
-        # Whether bf16 pays here is the processor's answer, not a rule: time the step both ways, on the
-        # main process's model without DDP (no collective the other ranks would have to join).
-        images, labels = next(batches)
-        bare = accelerator.unwrap_model(parts.model, keep_torch_compile=False)
-        bf16_speedup = measure_bf16_speedup(lambda: one_batch_step(bare, parts.optimizer, images, labels))
+    step = sum(split.values())
     return {
-        "world_size": world,
+        "world_size": accelerator.num_processes,
         "num_nodes": num_nodes(accelerator),
-        "device": str(device),
+        "device": str(accelerator.device),
         **parts.choices(),
         "sync_bn_why": parts.sync_bn_why,
         "global_batch": layout.global_batch,
-        "images_per_step": layout.global_batch,
         "data_check_skipped": data.skipped.count,
         "warmup": warmup,
         "steps": steps,
         "steps_are": "optimizer steps (grad_accum_steps micro-batches each)",
         "images_per_s": layout.global_batch / step,
-        "images_per_s_per_process": layout.global_batch / step / world,
+        "images_per_s_per_process": layout.global_batch / step / accelerator.num_processes,
         "step_time": step,
-        "data_wait": wait,
-        "compute": compute,
-        "communication": comm,
+        "data_wait": split["data wait"],
+        "compute": split["compute"],
+        "communication": split["communication"],
         "fractions": {k: v / step for k, v in split.items()},
-        "compute_only_images_per_s": layout.global_batch / (step - wait),
+        "compute_only_images_per_s": layout.global_batch / (step - split["data wait"]),
         "bottleneck": bottleneck,
         "bf16_speedup": bf16_speedup,
         "cpu_bf16_flags": list(cpu_bf16_flags()),
-        "advice": advice(cfg, device, bottleneck, bf16_speedup=bf16_speedup),
+        "advice": advice(cfg, accelerator.device, bottleneck, bf16_speedup=bf16_speedup),
         "ranks": ranks,
     }, accelerator
+
+
+def _rank_times(parts: Parts, accelerator, batches, lr: float, steps: int) -> dict[str, Any]:
+    """This rank's timed steps; with several processes also without the all-reduce, and one gradient-sized all-reduce."""
+    waits, computes = _timed_steps(parts, accelerator, batches, lr, steps)
+    local = {
+        "rank": accelerator.process_index,
+        "data_wait": spread(waits),
+        "compute": spread(computes),
+        "step_time": spread([w + c for w, c in zip(waits, computes)]),
+    }
+    if accelerator.num_processes > 1:
+        _, local_computes = _timed_steps(parts, accelerator, batches, lr, steps, sync_gradients=False)
+        local["compute_no_sync"] = spread(local_computes)
+        local["allreduce_gradient_buffer"] = spread(_allreduce_seconds(parts.model, accelerator.device))
+    return local
+
+
+def _split(local: dict[str, Any], world: int) -> dict[str, float]:
+    """The median step as data wait + compute + communication (the all-reduce time that DDP's overlap does not hide)."""
+    wait, step = local["data_wait"]["median"], local["step_time"]["median"]
+    comm = max(0.0, local["compute"]["median"] - local["compute_no_sync"]["median"]) if world > 1 else 0.0
+    return {"data wait": wait, "compute": step - wait - comm, "communication": comm}
+
+
+def _bf16_speedup(parts: Parts, accelerator, batches) -> float | None:
+    """fp32 over bf16 step time on a CPU with bf16 instructions (the main process's), else None: nothing to decide.
+
+    Whether bf16 pays is the processor's answer, not a rule, so the step is timed both ways. Every
+    rank times it, on the prepared model: the step holds collectives (DDP's all-reduce, sync_bn's)
+    that every rank must join, so the main process's decision is broadcast first.
+    """
+    decision = [accelerator.device.type == "cpu" and bool(cpu_bf16_flags())]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    if not decision[0]:
+        return None
+    images, labels = next(batches)
+
+    def step() -> None:
+        one_batch_step(parts.model, parts.optimizer, images, labels, accelerator.backward)
+
+    return measure_bf16_speedup(step)

@@ -529,23 +529,39 @@ def build_dali_loader(
         device_id=device_id,
         **OWN_THE_BATCH,
     )
-    n = len(split)
     if not train:
-        pipe = val_pipeline(**common, seed=seed % 2**31)
-        # Reader shards are [floor(r n / w), floor((r + 1) n / w)).
-        num_samples = (p.rank + 1) * n // p.world_size - p.rank * n // p.world_size
-        # steps=0: the iterator's length, the padded shard's batches, the same on every rank
-        return DaliLoader(_built(pipe, split), train=False, steps=0, num_samples=num_samples, placement=p, split=split)
+        return _val_loader(common, split, p, seed)
+    return _train_loader(common, split, p, seed, max_steps, resume_state, fused, accum)
+
+
+def _val_loader(common: dict, split: Split, p: Placement, seed: int) -> DaliLoader:
+    n = len(split)
+    pipe = val_pipeline(**common, seed=seed % 2**31)
+    # Reader shards are [floor(r n / w), floor((r + 1) n / w)).
+    num_samples = (p.rank + 1) * n // p.world_size - p.rank * n // p.world_size
+    # steps=0: the iterator's length, the padded shard's batches, the same on every rank
+    return DaliLoader(_built(pipe, split), train=False, steps=0, num_samples=num_samples, placement=p, split=split)
+
+
+def _train_loader(
+    common: dict,
+    split: Split,
+    p: Placement,
+    seed: int,
+    max_steps: int,
+    resume_state: str | None,
+    fused: bool | None,
+    accum: int,
+) -> DaliLoader:
+    n, batch_size = len(split), common["batch_size"]
     # Micro-batches of the epoch's full optimizer steps: with accumulation the last partial global batch
     # is left to the drain, so the one pipeline and its reader state serve every epoch, as without it.
     full_steps = n // (batch_size * p.world_size * accum) * accum
     steps = min(full_steps, max_steps) if max_steps else full_steps
     if steps == 0:
         raise DataError(f"{split.root}: {n} images do not fill one global batch of {batch_size * p.world_size * accum}")
-    # The augmentation seed differs per rank; the reader's seed is the same on all.
-    # Checkpointing lets a resumed run continue the reader's permutations and the random
-    # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
-    auto_fused, why = use_fused_finish(cfg, on_gpu)
+    on_gpu = common["on_gpu"]
+    auto_fused, why = use_fused_finish(common["cfg"], on_gpu)
     fused = auto_fused if fused is None else fused
     if p.rank == 0:
         log.info(
@@ -553,29 +569,17 @@ def build_dali_loader(
             "GPU" if on_gpu else "CPU",
             why if fused == auto_fused else f"fused={fused} as asked",
         )
+    # The augmentation seed differs per rank; the reader's seed is the same on all.
     pipe_seed = (seed * 1_000_003 + p.rank) % 2**31
     if steps < full_steps:
-
-        def epoch_pipeline(indices: list[int], epoch: int):
-            files = dict(
-                files=[common["files"][i] for i in indices],
-                labels=[common["labels"][i] for i in indices],
-                shard_id=0,
-                num_shards=1,
-            )
-            return train_pipeline(
-                **{**common, **files},
-                reader_seed=seed,
-                seed=(pipe_seed * 1_000_003 + epoch) % 2**31,
-                fused=fused,
-                shuffle=False,
-                enable_checkpointing=True,
-            )
-
-        cut = _CutEpochs(epoch_pipeline, n, batch_size, p.rank, p.world_size, seed, steps, accum)
+        cut = _CutEpochs(
+            _epoch_pipelines(common, seed, pipe_seed, fused), n, batch_size, p.rank, p.world_size, seed, steps, accum
+        )
         return DaliLoader(
             None, train=True, steps=steps, num_samples=steps * batch_size, placement=p, split=split, cut=cut
         )
+    # Checkpointing lets a resumed run continue the reader's permutations and the random
+    # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
     pipe = train_pipeline(
         **common, reader_seed=seed, seed=pipe_seed, fused=fused, enable_checkpointing=True, checkpoint=resume_state
     )
@@ -588,3 +592,25 @@ def build_dali_loader(
         split=split,
         restored=resume_state is not None,
     )
+
+
+def _epoch_pipelines(common: dict, seed: int, pipe_seed: int, fused: bool) -> Callable[[list[int], int], object]:
+    """For `_CutEpochs`: a pipeline over just the given files, read in order, with the epoch's augmentation seed."""
+
+    def epoch_pipeline(indices: list[int], epoch: int):
+        files = dict(
+            files=[common["files"][i] for i in indices],
+            labels=[common["labels"][i] for i in indices],
+            shard_id=0,
+            num_shards=1,
+        )
+        return train_pipeline(
+            **{**common, **files},
+            reader_seed=seed,
+            seed=(pipe_seed * 1_000_003 + epoch) % 2**31,
+            fused=fused,
+            shuffle=False,
+            enable_checkpointing=True,
+        )
+
+    return epoch_pipeline
