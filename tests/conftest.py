@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import http.server
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from flowers_dist import checkpoint_file, metrics_log
+from flowers_dist.bench.scaling import free_port, launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "flowers_sample"
@@ -44,52 +44,12 @@ TINY = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(args: list[str], nprocs: int = 1, launcher: str = "accelerate") -> list[str]:
     """`python -m flowers_dist ARGS`, under `accelerate launch` (or torchrun, which restarts a failed rank) when nprocs > 1."""
-    if nprocs > 1 and launcher == "accelerate":
-        return [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(nprocs),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "flowers_dist",
-            *args,
-        ]
     if nprocs > 1 and launcher == "torchrun":
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nprocs),
-            "--max-restarts",
-            "1",
-            "--rdzv_backend",
-            "c10d",
-            "--rdzv_endpoint",
-            f"127.0.0.1:{free_port()}",
-            "-m",
-            "flowers_dist",
-            *args,
-        ]
-    return [sys.executable, "-m", "flowers_dist", *args]
+        rdzv = f"--nproc_per_node {nprocs} --max-restarts 1 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:{free_port()}"
+        return [sys.executable, "-m", "torch.distributed.run", *rdzv.split(), "-m", "flowers_dist", *args]
+    return launch_command(nprocs, args)
 
 
 def cli_env(nprocs: int = 1, env: dict | None = None) -> dict[str, str]:

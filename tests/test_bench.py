@@ -11,8 +11,9 @@ import time
 import pytest
 import timm
 import torch
-from conftest import REPO, cli, free_port, metrics
+from conftest import REPO, cli, metrics
 
+from flowers_dist.bench.scaling import accelerate_launch
 from flowers_dist.bench.step import count_flops
 from flowers_dist.cli import main
 
@@ -192,26 +193,7 @@ def test_train_split_finds_planted_data_wait_compute_and_communication(tmp_path,
         "--out",
         str(out),
     ]
-    launch = (
-        [sys.executable]
-        if world == 1
-        else [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(world),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-        ]
-    )
+    launch = [sys.executable] if world == 1 else accelerate_launch(world)
     # PYTHONPATH: the driver lives in tmp_path, and must import this checkout's flowers_dist.
     env = {
         **os.environ,

@@ -22,34 +22,24 @@ import torch
 from ..data import default_workers
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a launch's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch_command(k: int, bench_args: list[str]) -> list[str]:
-    if k == 1:
-        return [sys.executable, "-m", "flowers_dist", *bench_args]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(k),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "flowers_dist",
-        *bench_args,
-    ]
+def accelerate_launch(k: int) -> list[str]:
+    """`accelerate launch` of k processes on this node, before its `-m module` or script: DDP on the GPUs, or gloo
+    on the CPU (--multi_gpu with CPU forced; `--cpu --num_processes k` would start one process)."""
+    flags = f"--multi_gpu --num_processes {k} --num_machines 1 --mixed_precision no --dynamo_backend no"
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags.split(), "--main_process_port", str(free_port())]
+
+
+def launch_command(k: int, args: list[str]) -> list[str]:
+    """`python -m flowers_dist ARGS` in one plain process (k = 1) or k processes under `accelerate launch`."""
+    prefix = [sys.executable] if k == 1 else accelerate_launch(k)
+    return [*prefix, "-m", "flowers_dist", *args]
 
 
 def bench_scaling(
