@@ -1,4 +1,4 @@
-"""The `flowers-dist` command line: train, eval, predict, report, bench, data fetch."""
+"""The `flowers-dist` command line: train, eval, predict, report, bench, data fetch, check and pack."""
 
 from __future__ import annotations
 
@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
             "check", help="find unreadable, odd, duplicate and leaked files; exit 0 clean, 1 skippable, 2 fatal"
         )
     )
+    from .data.pack import add_arguments as add_pack_arguments
+
+    add_pack_arguments(
+        data_sub.add_parser("pack", help="the usable files of train/ and val/ as WebDataset tar shards with a manifest")
+    )
     return parser
 
 
@@ -167,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             from .data.check_cli import run as run_check
 
             return run_check(args)
+        elif args.command == "data" and args.data_command == "pack":
+            from .data.pack import run as run_pack
+
+            return run_pack(args)
         elif args.command == "data":
             from .data.fetch import FetchError, fetch_flowers
 
