@@ -39,28 +39,24 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    import timm
-
-    from flowers_dist import checkpoint_file
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _time_stop_check(checks: int) -> float:
+    """Seconds per all-reduce of two floats, after a warm-up."""
     flags = torch.zeros(2)
     for _ in range(20):  # warm-up: connections, allocator
         dist.all_reduce(flags)
     dist.barrier()
     start = time.perf_counter()
-    for _ in range(args.checks):
+    for _ in range(checks):
         dist.all_reduce(flags)
-    check = (time.perf_counter() - start) / args.checks
+    return (time.perf_counter() - start) / checks
 
-    model = timm.create_model("resnet18", num_classes=5)
+
+def _time_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    """Seconds per DDP training step, the first two left out."""
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     images, labels = torch.randn(8, 3, 64, 64), torch.randint(0, 5, (8,))
     step_times = []
-    for i in range(args.steps + 2):
+    for i in range(steps + 2):
         dist.barrier()
         t = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(ddp(images), labels)
@@ -69,10 +65,18 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         opt.step()
         if i >= 2:
             step_times.append(time.perf_counter() - t)
+    return step_times
+
+
+def _time_checkpoints(
+    rank: int, world: int, model: torch.nn.Module, opt: torch.optim.Optimizer
+) -> tuple[list[float], float | None, int]:
+    """The loop's waits for 3 checkpoints, and on rank 0 the last background write's seconds and the file's bytes."""
+    from flowers_dist import checkpoint_file
 
     # The loop's side of a periodic checkpoint: gather parts (collective), state dicts, CPU copy for the writer.
     writer = checkpoint_file.BackgroundWriter()
-    waits = []
+    waits, write = [], None
     with tempfile.TemporaryDirectory() as folder:
         for i in range(3):
             dist.barrier()
@@ -93,6 +97,20 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
                 writer.wait()
                 write = time.perf_counter() - t
         size = (Path(folder) / "last.pt").stat().st_size if rank == 0 else 0
+    return waits, write, size
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    """One gloo rank: time the stop check, the step and the checkpoint wait; rank 0 writes the figures to `out`."""
+    import timm
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    check = _time_stop_check(args.checks)
+    model = timm.create_model("resnet18", num_classes=5)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    step_times = _time_steps(model, opt, args.steps)
+    waits, write, size = _time_checkpoints(rank, world, model, opt)
     if rank == 0:
         Path(out).write_text(
             json.dumps(

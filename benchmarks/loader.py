@@ -73,7 +73,8 @@ def _commit() -> str:
         return "unknown"
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
+    """The command line (see the module's usage line)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data", type=Path, default=REPO.parent / "shared" / "flowers", help="data-set root (its train/ is read)"
@@ -93,15 +94,22 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / f"loader-{socket.gethostname()}.json"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    split = scan_split(args.data / "train")
-    device = torch.device(args.device)
-    load_before = os.getloadavg()  # other processes on the machine make every figure lower
+
+def _settings(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, int]]:
+    """Every (recipe, loader, workers) to measure."""
     counts = range(args.cores, args.cores + args.extra + 1)
     settings = [(recipe, kind, w) for recipe in args.recipes for kind in ("dali", "torch") for w in counts]
     if "recipe" in args.recipes and device.type == "cpu":  # what the fused kernel gains, at the best DALI count
         settings += [("recipe", "dali-ops", w) for w in counts]
+    return settings
+
+
+def _measure_rounds(
+    args: argparse.Namespace, settings: list[tuple[str, str, int]], split, device: torch.device
+) -> list[dict]:
+    """Every setting in turn, --rounds times; one row per setting with its rates, median and range."""
     rates = {s: [] for s in settings}
     for round_ in range(args.rounds):
         for recipe, kind, workers in settings:
@@ -111,35 +119,64 @@ def main() -> None:
                 f"{statistics.median(rates[recipe, kind, workers]):.0f} img/s so far",
                 file=sys.stderr,
             )
-    rows = [
+    return [
         dict(recipe=recipe, loader=kind, workers=w, rates=r, median=statistics.median(r), min=min(r), max=max(r))
         for (recipe, kind, w), r in rates.items()
     ]
 
+
+def _print_table(args: argparse.Namespace, rows: list[dict], images: int, device, load_before) -> None:
+    """The conditions of the run, then one line per setting."""
     print(
-        f"\n{len(split)} train images from {args.data}, batch {args.batch}, {args.cores} cores, device {device}, "
+        f"\n{images} train images from {args.data}, batch {args.batch}, {args.cores} cores, device {device}, "
         f"{args.rounds} rounds x {args.epochs} epochs, each after 1 warm-up epoch; load average "
         f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n"
     )
     print(f"{'recipe':<8}{'loader':<8}{'threads':>8}{'median img/s':>14}{'min':>8}{'max':>8}")
     for r in rows:
         print(f"{r['recipe']:<8}{r['loader']:<8}{r['workers']:>8}{r['median']:>14.0f}{r['min']:>8.0f}{r['max']:>8.0f}")
-    ratios = {}
-    for recipe in args.recipes:
-        dali = max(r["median"] for r in rows if r["recipe"] == recipe and r["loader"] == "dali")
-        best_torch = max(r["median"] for r in rows if r["recipe"] == recipe and r["loader"] == "torch")
-        ratios[recipe] = dali / best_torch
-        print(f"{recipe}: DALI / best PyTorch = {ratios[recipe]:.2f}x")
-    fused_gain = None
-    if any(r["loader"] == "dali-ops" for r in rows):
-        ops = max(r["median"] for r in rows if r["recipe"] == "recipe" and r["loader"] == "dali-ops")
-        fused_gain = max(r["median"] for r in rows if r["recipe"] == "recipe" and r["loader"] == "dali") / ops
-        print(f"recipe: DALI with the fused CPU finish / with DALI's rotate and colour operators = {fused_gain:.2f}x")
 
+
+def _best(rows: list[dict], recipe: str, loader: str) -> float:
+    """The best median of one loader on one recipe, over its worker counts."""
+    return max(r["median"] for r in rows if r["recipe"] == recipe and r["loader"] == loader)
+
+
+def _ratios(recipes: list[str], rows: list[dict]) -> dict[str, float]:
+    """Best DALI over best PyTorch per recipe, printed as they are computed."""
+    ratios = {}
+    for recipe in recipes:
+        ratios[recipe] = _best(rows, recipe, "dali") / _best(rows, recipe, "torch")
+        print(f"{recipe}: DALI / best PyTorch = {ratios[recipe]:.2f}x")
+    return ratios
+
+
+def _fused_gain(rows: list[dict]) -> float | None:
+    """Best DALI over best "dali-ops" on the recipe, printed; None when dali-ops did not run."""
+    if not any(r["loader"] == "dali-ops" for r in rows):
+        return None
+    gain = _best(rows, "recipe", "dali") / _best(rows, "recipe", "dali-ops")
+    print(f"recipe: DALI with the fused CPU finish / with DALI's rotate and colour operators = {gain:.2f}x")
+    return gain
+
+
+def _versions() -> dict[str, str]:
+    """The versions the figures depend on."""
     import nvidia.dali
     import PIL
     import torchvision
 
+    return dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        dali=nvidia.dali.__version__,
+        pillow=PIL.__version__,
+    )
+
+
+def _write_result(args: argparse.Namespace, device: torch.device, images: int, figures: dict) -> None:
+    """The JSON file: machine, commit, command, versions and conditions, then the figures."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -152,30 +189,40 @@ def main() -> None:
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 commit=_commit(),
                 command=" ".join([Path(sys.executable).name, *sys.argv]),
-                versions=dict(
-                    python=platform.python_version(),
-                    torch=torch.__version__,
-                    torchvision=torchvision.__version__,
-                    dali=nvidia.dali.__version__,
-                    pillow=PIL.__version__,
-                ),
+                versions=_versions(),
                 data=str(args.data),
-                images=len(split),
+                images=images,
                 batch=args.batch,
                 rounds=args.rounds,
                 epochs=args.epochs,
                 recipes={k: RECIPES[k] for k in args.recipes},
-                load_average_before=load_before,
-                load_average_after=os.getloadavg(),
-                rows=rows,
-                ratio_dali_over_best_torch=ratios,
-                fused_finish_speedup=fused_gain,
+                **figures,
             ),
             indent=1,
         )
         + "\n"
     )
     print(f"wrote {args.out}")
+
+
+def main() -> None:
+    """Measure every setting in turns, print the table and the ratios, write the JSON file."""
+    args = _parse_args()
+    split = scan_split(args.data / "train")
+    device = torch.device(args.device)
+    load_before = os.getloadavg()  # other processes on the machine make every figure lower
+    rows = _measure_rounds(args, _settings(args, device), split, device)
+    _print_table(args, rows, len(split), device, load_before)
+    ratios = _ratios(args.recipes, rows)
+    fused_gain = _fused_gain(rows)
+    figures = dict(
+        load_average_before=load_before,
+        load_average_after=os.getloadavg(),
+        rows=rows,
+        ratio_dali_over_best_torch=ratios,
+        fused_finish_speedup=fused_gain,
+    )
+    _write_result(args, device, len(split), figures)
 
 
 if __name__ == "__main__":

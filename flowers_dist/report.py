@@ -73,62 +73,73 @@ def _target(run_dir: Path, m: dict[str, Any]) -> float | None:
         return None
 
 
-def write_report(run_dir: Path) -> tuple[list[Path], str]:
-    """Write RUN_DIR/report/*.png and summary.txt; returns the files and the summary."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend: reports are files, never windows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    m = read_metrics(run_dir)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
-    epochs, steps, written = m["epochs"], m["steps"], []
+    return plt
 
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(out / name)
 
-    # An epoch's row sits at the step that ended it, so steps and epochs share one x axis.
-    def epoch_x(r):
-        return r.get("step", r["epoch"] + 1)
+def _epoch_x(r: dict[str, Any]) -> int:
+    """An epoch's row sits at the step that ended it, so steps and epochs share one x axis."""
+    return r.get("step", r["epoch"] + 1)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+def _save(fig, path: Path) -> Path:
+    """Write one figure and close it (a report draws several; open figures hold their memory)."""
+    plt = _pyplot()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _loss_figure(epochs: list[dict], steps: list[dict]):
+    """Train loss per log interval and per epoch, and val loss, over optimizer steps."""
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     if steps:
         ax.plot(
             [r["step"] for r in steps], [r["loss"] for r in steps], alpha=0.5, label="train loss (log interval, rank 0)"
         )
-    ax.plot([epoch_x(r) for r in epochs], [r["train_loss"] for r in epochs], "o-", label="train loss (epoch)")
-    ax.plot([epoch_x(r) for r in epochs], [r["val_loss"] for r in epochs], "s-", label="val loss")
+    ax.plot([_epoch_x(r) for r in epochs], [r["train_loss"] for r in epochs], "o-", label="train loss (epoch)")
+    ax.plot([_epoch_x(r) for r in epochs], [r["val_loss"] for r in epochs], "s-", label="val loss")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy", title="loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    save(fig, "loss.png")
+    return fig
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+def _accuracy_figure(epochs: list[dict], target: float | None):
+    """Train and val accuracy per epoch, with the target as a line when there is one."""
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     ax.plot([r["epoch"] + 1 for r in epochs], [r["train_acc"] for r in epochs], "o-", label="train")
     ax.plot([r["epoch"] + 1 for r in epochs], [r["val_acc"] for r in epochs], "s-", label="val")
-    target = _target(run_dir, m)
     if target is not None:
         ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.0%}")
     ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
     ax.legend()
     ax.grid(alpha=0.3)
-    save(fig, "accuracy.png")
+    return fig
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+def _lr_figure(epochs: list[dict], steps: list[dict]):
+    """The learning rate per log interval, or per epoch when no step rows were logged."""
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     if steps:
         ax.plot([r["step"] for r in steps], [r["lr"] for r in steps], ".-")
     else:
-        ax.plot([epoch_x(r) for r in epochs], [r["lr"] for r in epochs], "o-")
+        ax.plot([_epoch_x(r) for r in epochs], [r["lr"] for r in epochs], "o-")
     ax.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate", yscale="log")
     ax.grid(alpha=0.3)
-    save(fig, "lr.png")
+    return fig
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+
+def _throughput_figure(epochs: list[dict], steps: list[dict]):
+    """Images/s above, the data-wait fraction below, over seconds since the (re)start."""
+    fig, (top, bottom) = _pyplot().subplots(2, 1, figsize=(7, 6), sharex=True)
     if steps:
         top.plot(
             [r["elapsed"] for r in steps], [r["images_per_s"] for r in steps], ".-", alpha=0.7, label="log interval"
@@ -140,29 +151,52 @@ def write_report(run_dir: Path) -> tuple[list[Path], str]:
     top.grid(alpha=0.3)
     bottom.set(xlabel="seconds since (re)start", ylabel="data-wait fraction", ylim=(0, 1))
     bottom.grid(alpha=0.3)
-    save(fig, "throughput.png")
+    return fig
 
+
+def _confusion_figure(epochs: list[dict], classes: list[str] | None):
+    """The val confusion matrix of the best epoch that logged one; None when none did."""
     with_confusion = [r for r in epochs if r.get("val_confusion")]
-    if with_confusion:
-        best = max(with_confusion, key=lambda r: (r["val_acc"], -r["epoch"]))
-        confusion = best["val_confusion"]
-        classes = m["classes"] or [str(i) for i in range(len(confusion))]
-        fig, ax = plt.subplots(figsize=(6.5, 5.5))
-        image = ax.imshow(confusion, cmap="Blues")
-        fig.colorbar(image, ax=ax)
-        peak = max(max(row) for row in confusion) or 1
-        for i, row in enumerate(confusion):
-            for j, n in enumerate(row):
-                ax.text(j, i, str(n), ha="center", va="center", color="white" if n > peak / 2 else "black")
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-        ax.set_yticks(range(len(classes)), classes)
-        ax.set(
-            xlabel="predicted",
-            ylabel="true",
-            title=f"val confusion, best epoch {best['epoch'] + 1} (acc {best['val_acc']:.3f})",
-        )
-        save(fig, "confusion.png")
+    if not with_confusion:
+        return None
+    best = max(with_confusion, key=lambda r: (r["val_acc"], -r["epoch"]))
+    confusion = best["val_confusion"]
+    classes = classes or [str(i) for i in range(len(confusion))]
+    fig, ax = _pyplot().subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    peak = max(max(row) for row in confusion) or 1
+    for i, row in enumerate(confusion):
+        for j, n in enumerate(row):
+            ax.text(j, i, str(n), ha="center", va="center", color="white" if n > peak / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(
+        xlabel="predicted",
+        ylabel="true",
+        title=f"val confusion, best epoch {best['epoch'] + 1} (acc {best['val_acc']:.3f})",
+    )
+    return fig
 
+
+def write_report(run_dir: Path) -> tuple[list[Path], str]:
+    """Write RUN_DIR/report/*.png and summary.txt; returns the files and the summary."""
+    run_dir = Path(run_dir)
+    m = read_metrics(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    epochs, steps = m["epochs"], m["steps"]
+    target = _target(run_dir, m)
+    # Each figure is saved and closed before the next is drawn.
+    written = [
+        _save(_loss_figure(epochs, steps), out / "loss.png"),
+        _save(_accuracy_figure(epochs, target), out / "accuracy.png"),
+        _save(_lr_figure(epochs, steps), out / "lr.png"),
+        _save(_throughput_figure(epochs, steps), out / "throughput.png"),
+    ]
+    confusion = _confusion_figure(epochs, m["classes"])
+    if confusion is not None:
+        written.append(_save(confusion, out / "confusion.png"))
     text = summary_text(run_dir, m, target)
     (out / "summary.txt").write_text(text)
     written.append(out / "summary.txt")

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -315,57 +316,67 @@ def sync_free_steps(precision: str, device, num_classes: int, batch: int, size: 
     return None
 
 
-def hw_decoder(files: list[str], device, plan: Plan) -> dict:
-    """Whether nvJPEG's hardware decoder ran: DALI's log, NVJPG utilisation from nvidia-smi, and its rate against the CUDA decoder."""
+def _decode_rates(files: list[str], device, plan: Plan, load: float, logs: list[str]) -> list[float]:
+    """Images/s of DALI's mixed decoder at this hw_decoder_load, in windows; appends DALI's log of the build to `logs`."""
     from nvidia.dali import fn, pipeline_def, types
 
     batch = min(len(files), 64)
 
-    def rates(load: float) -> list[float]:
-        @pipeline_def
-        def decode():
-            jpegs, _ = fn.readers.file(files=files, name="Reader")
-            return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=load)
+    @pipeline_def
+    def decode():
+        jpegs, _ = fn.readers.file(files=files, name="Reader")
+        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=load)
 
-        with _stderr_captured() as log:
-            # exec_dynamic=False: run() returns finished outputs, so a window's end is the decoder's.
-            pipe = decode(batch_size=batch, num_threads=8, device_id=device.index, exec_dynamic=False)
-            pipe.build()
-            pipe.run()
+    with _stderr_captured() as log:
+        # exec_dynamic=False: run() returns finished outputs, so a window's end is the decoder's.
+        pipe = decode(batch_size=batch, num_threads=8, device_id=device.index, exec_dynamic=False)
+        pipe.build()
+        pipe.run()
 
-        def one() -> int:
-            pipe.run()
-            return batch
+    def one() -> int:
+        pipe.run()
+        return batch
 
-        out = rate_windows(one, device, plan.window, plan.repeats)
-        logs.append(log[0])
-        return out
+    out = rate_windows(one, device, plan.window, plan.repeats)
+    logs.append(log[0])
+    return out
 
-    logs: list[str] = []
-    dmon = (
-        subprocess.Popen(
-            ["nvidia-smi", "dmon", "-s", "u", "-d", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
-        if shutil.which("nvidia-smi")
-        else None
+
+def _start_dmon() -> subprocess.Popen | None:
+    """nvidia-smi's per-second utilisation monitor, or None where there is no nvidia-smi."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    return subprocess.Popen(
+        ["nvidia-smi", "dmon", "-s", "u", "-d", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
-    hw = rates(1.0)
+
+
+def _jpg_util_max(text: str) -> int | None:
+    """The highest NVJPG utilisation in dmon's output; None when it has no jpg column or no value."""
+    header = next(
+        (line.lstrip("#").split() for line in text.splitlines() if line.startswith("#") and "sm" in line), None
+    )
+    if not header or "jpg" not in header:
+        return None
+    col = header.index("jpg")
+    values = [
+        int(v[col])
+        for v in (line.split() for line in text.splitlines() if not line.startswith("#"))
+        if len(v) > col and v[col].isdigit()
+    ]
+    return max(values) if values else None
+
+
+def hw_decoder(files: list[str], device, plan: Plan) -> dict:
+    """Whether nvJPEG's hardware decoder ran: DALI's log, NVJPG utilisation from nvidia-smi, and its rate against the CUDA decoder."""
+    logs: list[str] = []
+    dmon = _start_dmon()
+    hw = _decode_rates(files, device, plan, 1.0, logs)
     jpg = None
     if dmon is not None:
         dmon.terminate()
-        text = dmon.communicate(timeout=10)[0]
-        header = next(
-            (line.lstrip("#").split() for line in text.splitlines() if line.startswith("#") and "sm" in line), None
-        )
-        if header and "jpg" in header:
-            col = header.index("jpg")
-            values = [
-                int(v[col])
-                for v in (line.split() for line in text.splitlines() if not line.startswith("#"))
-                if len(v) > col and v[col].isdigit()
-            ]
-            jpg = max(values) if values else None
-    cuda_only = rates(0.0)
+        jpg = _jpg_util_max(dmon.communicate(timeout=10)[0])
+    cuda_only = _decode_rates(files, device, plan, 0.0, logs)
     warnings = [
         line.strip()
         for text in logs
@@ -486,6 +497,247 @@ def startup(data_root: Path, out: Path, plan: Plan) -> list[float]:
     ]
 
 
+@dataclasses.dataclass
+class Stages:
+    """The check's stages and what they share: the plan, the device, the photos, the work folders and the table."""
+
+    plan: Plan
+    device: Any
+    val: Any  # the val split: the photos every stage reads
+    train_split: Any  # the long training split (_train_tree) over the same photos
+    root: Path  # its data root, for the runs that train
+    work: Path  # runs and gpu_check.json
+    began: float
+    estimate: dict[str, float]
+    budget: float
+    table: Table = dataclasses.field(default_factory=Table)
+    e2e: dict = dataclasses.field(default_factory=dict)  # figures of the training runs, for the extrapolation
+
+    @classmethod
+    def make(
+        cls, args: argparse.Namespace, plan: Plan, device, val, began: float, estimate: dict[str, float]
+    ) -> Stages:
+        """Make the work folder and the long training tree."""
+        from flowers_dist.data import scan_split
+
+        work = Path(tempfile.mkdtemp(prefix="gpu_check-")) if args.out is None else args.out
+        work.mkdir(parents=True, exist_ok=True)
+        biggest = max(plan.batch, RECIPE_BATCH)
+        root = _train_tree(
+            val,
+            Path(tempfile.mkdtemp(prefix="gpu_check-data-")),
+            int(plan.e2e_log_every(biggest) * biggest * 1.02) if not plan.dry else 8 * plan.batch,
+        )
+        return cls(plan, device, val, scan_split(root / "train"), root, work, began, estimate, args.budget)
+
+    @property
+    def files(self) -> list[str]:
+        return [str(f) for f in self.val.files]
+
+    def stage(self, name: str, fn) -> None:
+        """Run one stage unless the time budget says otherwise; an exception fails that stage, not the run."""
+        if not self.plan.dry and time.perf_counter() - self.began + self.estimate.get(name, 0) > self.budget:
+            self.table.add(name, "not run: the time budget would be exceeded", status="skipped")
+            return
+        try:
+            fn()
+        except Exception as exc:  # one failing stage must not cost the others their device time
+            self.table.add(
+                name,
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:90] if str(exc).strip() else ''}",
+                status="FAIL",
+            )
+
+    def run_all(self) -> None:
+        """Every stage, in the order of the estimate."""
+        self.stage("decode parity", self.decode)
+        self.stage("eval parity", self.evaluation)
+        self.stage("delayed read", self.delayed)
+        self.stage("HW decoder", self.decoder)
+        self.stage("sync-free steps", self.sync_free)
+        self.stage("loader windows", self.loaders)
+        self.stage("end-to-end runs", self.end_to_end_runs)
+        self.stage("start-up runs", self.startup_runs)
+
+    def decode(self) -> None:
+        """nvJPEG against libjpeg-turbo, with and without fancy upsampling."""
+        parity = decode_parity(self.files[:8] if self.plan.dry else self.files, self.device)
+        self.table.check(
+            "decode mixed (fancy) vs cpu",
+            parity[True]["mean"] < DECODE_MEAN_TOL,
+            f"mean {parity[True]['mean']:.3f} max {parity[True]['max']} grey",
+            f"mean < {DECODE_MEAN_TOL}",
+        )
+        self.table.add(
+            "decode mixed (default) vs cpu", f"mean {parity[False]['mean']:.3f} max {parity[False]['max']} grey"
+        )
+
+    def evaluation(self) -> None:
+        """The evaluation loader on the device against the same on the CPU."""
+        from flowers_dist.config import DataConfig
+
+        val = self.val
+        small = dataclasses.replace(val, files=val.files[:8], labels=val.labels[:8]) if self.plan.dry else val
+        diff = eval_parity(DataConfig(loader="dali", image_size=self.plan.image_size), small, self.device)
+        self.table.check(
+            "eval loader gpu vs cpu", diff < EVAL_MEAN_TOL, f"mean {diff:.4f} (normalised)", f"< {EVAL_MEAN_TOL}"
+        )
+
+    def delayed(self) -> None:
+        """A dropped batch read late keeps its pixels; on the GPU, also the zero-copy build that does not."""
+        from flowers_dist.config import DataConfig
+
+        plan = self.plan
+        cfg = DataConfig(image_size=plan.image_size)
+        got = delayed_read(cfg, self.val, self.device, plan.batch)
+        covered = plan.dry or got["read_delay_s"] > got["host_advance_s"]
+        self.table.check(
+            "delayed read of a dropped batch",
+            got["equal"] and covered,
+            f"{'same sum' if got['equal'] else 'SUM CHANGED'}; read {got['read_delay_s']:.2f} s late, host advanced 8 batches in {got['host_advance_s']:.2f} s",
+            "same sum, read after the advance",
+        )
+        if not plan.dry:
+            zero = delayed_read(cfg, self.val, self.device, plan.batch, zero_copy=True)
+            self.table.add(
+                "  same with exec_dynamic views",
+                "same sum" if zero["equal"] else "sum changed: views are unsafe",
+                status="info: why OWN_THE_BATCH",
+            )
+
+    def decoder(self) -> None:
+        """The hardware JPEG decoder in use, and its rate against the CUDA decoder."""
+        if self.plan.dry:
+            self.table.add("HW JPEG decoder", "needs CUDA", status="skipped")
+            return
+        got = hw_decoder(self.files, self.device, self.plan)
+        used = got["jpg_util_max"] is not None and got["jpg_util_max"] > 0
+        self.table.check(
+            "HW JPEG decoder in use",
+            used and not got["warnings"],
+            f"NVJPG busy {got['jpg_util_max'] if got['jpg_util_max'] is not None else '?'}%; capabilities {got['capabilities']}"
+            + (f"; {got['warnings'][0][:60]}" if got["warnings"] else ""),
+            "NVJPG > 0%, no warning",
+        )
+        self.table.add("  decode, hw_decoder_load=1", _spread(got["hw_rates"]))
+        self.table.add("  decode, CUDA decoder only", _spread(got["cuda_rates"]))
+
+    def sync_free(self) -> None:
+        """No host-device sync in the loop's step, per precision."""
+        plan = self.plan
+        for precision in ("bf16", "fp16") if not plan.dry else ("bf16",):
+            found = sync_free_steps(
+                precision,
+                self.device,
+                len(self.val.classes),
+                batch=32 if not plan.dry else 4,
+                size=64 if not plan.dry else 32,
+            )
+            self.table.check(
+                f"no host sync per step, {precision}",
+                found is None,
+                "none" if found is None else found[:60],
+                "none (Accelerator, fused SGD)" if not plan.dry else "dry run: steps only",
+            )
+
+    def loaders(self) -> None:
+        """Loader-only rates on the recipe: DALI, PyTorch, and DALI without the hardware decoder."""
+        from flowers_dist.config import DataConfig
+
+        plan, size = self.plan, self.plan.image_size
+        recipe = DataConfig(loader="dali", image_size=size, rotation=15, color_jitter=0.2)
+        for name, cfg in (
+            ("dali", recipe),
+            ("torch", dataclasses.replace(recipe, loader="torch")),
+            ("dali, hw_decoder_load=0", dataclasses.replace(recipe, hw_decoder_load=0.0)),
+        ):
+            if plan.dry and "hw" in name:
+                continue
+            rates = loader_rates(cfg, self.train_split, self.device, plan)
+            self.table.add(
+                f"loader {name} ({size} px, recipe)",
+                _spread(rates),
+                f">= {GOAL_IMAGES_PER_S:,} img/s",
+                "ok" if statistics.median(rates) >= GOAL_IMAGES_PER_S else "below",
+            )
+
+    def end_to_end_runs(self) -> None:
+        """The real training loop at the plan's batch and at the recipe's."""
+        plan = self.plan
+        for batch in (plan.batch, RECIPE_BATCH if not plan.dry else plan.batch // 2):
+            self.e2e[batch] = end_to_end(self.root, self.work, batch, plan)
+            got = self.e2e[batch]
+            self.table.add(
+                f"train loop bf16 cl, batch {batch}",
+                _spread(got["rates"]) if got["rates"] else "no full window",
+                f">= {GOAL_IMAGES_PER_S:,} img/s",
+                "ok" if got["rates"] and statistics.median(got["rates"]) >= GOAL_IMAGES_PER_S else "below",
+            )
+
+    def startup_runs(self) -> None:
+        """Time to the first step of fresh processes."""
+        firsts = startup(self.root, self.work, self.plan)
+        self.e2e["startup"] = statistics.median(firsts)
+        self.table.add(
+            "time to first step (fresh process)",
+            f"{self.e2e['startup']:.1f} s (range {min(firsts):.1f}-{max(firsts):.1f})",
+        )
+
+    def recipe_row(self) -> None:
+        """The 25-epoch recipe extrapolated from the start-up and the recipe batch's run, when both ran."""
+        e2e = self.e2e
+        recipe_batch = RECIPE_BATCH if not self.plan.dry else self.plan.batch // 2
+        if not (e2e.get(recipe_batch, {}).get("rates") and "startup" in e2e):
+            return
+        rate = statistics.median(e2e[recipe_batch]["rates"])
+        steps = RECIPE_TRAIN_IMAGES // RECIPE_BATCH
+        seconds = e2e["startup"] + RECIPE_EPOCHS * (steps * RECIPE_BATCH / rate + e2e[recipe_batch]["eval_s"])
+        self.table.add(
+            "25-epoch recipe, extrapolated",
+            f"{seconds:.1f} s = start-up {e2e['startup']:.1f} + 25 x ({steps} steps "
+            f"at {rate:,.0f} img/s + eval {e2e[recipe_batch]['eval_s']:.2f} s)",
+            f"<= {GOAL_RECIPE_S:.0f} s",
+            "ok" if seconds <= GOAL_RECIPE_S else "over",
+        )
+
+
+def _announced_estimate(args: argparse.Namespace, num_val: int) -> dict[str, float]:
+    """Seconds per stage, printed first."""
+    # The estimate is always the GPU plan's (a dry run prints what the real run will promise).
+    estimate = Plan.make(argparse.Namespace(**{**vars(args), "dry_run": False})).estimate(num_val)
+    total = sum(estimate.values())
+    print(
+        f"gpu_check: estimated duration on an H200: {total:.0f} s ("
+        + ", ".join(f"{k} {v:.0f}" for k, v in estimate.items())
+        + f"); limit {GOAL_CHECK_S:.0f} s; {num_val} photos from {args.data / 'val'}",
+        flush=True,
+    )
+    return estimate
+
+
+def _finish(stages: Stages, total: float) -> int:
+    """The duration row, the table, the failures and gpu_check.json; the exit code."""
+    import torch
+
+    plan, device, table = stages.plan, stages.device, stages.table
+    took = time.perf_counter() - stages.began
+    table.check(
+        "gpu_check duration", took < GOAL_CHECK_S, f"{took:.0f} s (estimated {total:.0f} s)", f"< {GOAL_CHECK_S:.0f} s"
+    )
+    print(
+        f"\ngpu_check{' --dry-run (CPU, tiny sizes: no figure means anything)' if plan.dry else ''}: "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}; {len(stages.val)} photos; batch {plan.batch}; windows >= {plan.window} s"
+    )
+    print(table.render())
+    for row in table.failed:
+        print(f"FAILED: {row.check}: {row.value}")
+    (stages.work / "gpu_check.json").write_text(
+        json.dumps([dataclasses.asdict(r) for r in table.rows], indent=1) + "\n"
+    )
+    return 1 if table.failed else 0
+
+
 def run_main(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     plan = Plan.make(args)
@@ -495,189 +747,22 @@ def run_main(args: argparse.Namespace) -> int:
         print("gpu_check: no CUDA device visible to torch", file=sys.stderr)
         return 1
     sys.path.insert(0, str(REPO))
-    from flowers_dist.config import DataConfig
     from flowers_dist.data import scan_split
 
     device = _device(plan)
     val = scan_split(args.data / "val")
-    files = [str(f) for f in val.files]
-    # The estimate is always the GPU plan's (a dry run prints what the real run will promise).
-    estimate = Plan.make(argparse.Namespace(**{**vars(args), "dry_run": False})).estimate(len(val))
+    estimate = _announced_estimate(args, len(val))
     total = sum(estimate.values())
-    print(
-        f"gpu_check: estimated duration on an H200: {total:.0f} s ("
-        + ", ".join(f"{k} {v:.0f}" for k, v in estimate.items())
-        + f"); limit {GOAL_CHECK_S:.0f} s; {len(val)} photos from {args.data / 'val'}",
-        flush=True,
-    )
     if total >= GOAL_CHECK_S:
         print(
             f"gpu_check: the estimate is over the {GOAL_CHECK_S:.0f} s limit: lower --window or --repeats",
             file=sys.stderr,
         )
         return 2
-    table = Table()
-    work = Path(tempfile.mkdtemp(prefix="gpu_check-")) if args.out is None else args.out
-    work.mkdir(parents=True, exist_ok=True)
-    size = plan.image_size
-    recipe = DataConfig(loader="dali", image_size=size, rotation=15, color_jitter=0.2)
-    biggest = max(plan.batch, RECIPE_BATCH)
-    root = _train_tree(
-        val,
-        Path(tempfile.mkdtemp(prefix="gpu_check-data-")),
-        int(plan.e2e_log_every(biggest) * biggest * 1.02) if not plan.dry else 8 * plan.batch,
-    )
-    train_split = scan_split(root / "train")
-
-    def stage(name: str, fn) -> None:
-        """Run one stage unless the time budget says otherwise; an exception fails that stage, not the run."""
-        if not plan.dry and time.perf_counter() - began + estimate.get(name, 0) > args.budget:
-            table.add(name, "not run: the time budget would be exceeded", status="skipped")
-            return
-        try:
-            fn()
-        except Exception as exc:  # one failing stage must not cost the others their device time
-            table.add(
-                name,
-                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:90] if str(exc).strip() else ''}",
-                status="FAIL",
-            )
-
-    def decode() -> None:
-        parity = decode_parity(files[:8] if plan.dry else files, device)
-        table.check(
-            "decode mixed (fancy) vs cpu",
-            parity[True]["mean"] < DECODE_MEAN_TOL,
-            f"mean {parity[True]['mean']:.3f} max {parity[True]['max']} grey",
-            f"mean < {DECODE_MEAN_TOL}",
-        )
-        table.add("decode mixed (default) vs cpu", f"mean {parity[False]['mean']:.3f} max {parity[False]['max']} grey")
-
-    def evaluation() -> None:
-        small = dataclasses.replace(val, files=val.files[:8], labels=val.labels[:8]) if plan.dry else val
-        diff = eval_parity(DataConfig(loader="dali", image_size=size), small, device)
-        table.check(
-            "eval loader gpu vs cpu", diff < EVAL_MEAN_TOL, f"mean {diff:.4f} (normalised)", f"< {EVAL_MEAN_TOL}"
-        )
-
-    def delayed() -> None:
-        cfg = DataConfig(image_size=size)
-        got = delayed_read(cfg, val, device, plan.batch)
-        covered = plan.dry or got["read_delay_s"] > got["host_advance_s"]
-        table.check(
-            "delayed read of a dropped batch",
-            got["equal"] and covered,
-            f"{'same sum' if got['equal'] else 'SUM CHANGED'}; read {got['read_delay_s']:.2f} s late, host advanced 8 batches in {got['host_advance_s']:.2f} s",
-            "same sum, read after the advance",
-        )
-        if not plan.dry:
-            zero = delayed_read(cfg, val, device, plan.batch, zero_copy=True)
-            table.add(
-                "  same with exec_dynamic views",
-                "same sum" if zero["equal"] else "sum changed: views are unsafe",
-                status="info: why OWN_THE_BATCH",
-            )
-
-    def decoder() -> None:
-        if plan.dry:
-            table.add("HW JPEG decoder", "needs CUDA", status="skipped")
-            return
-        got = hw_decoder(files, device, plan)
-        used = got["jpg_util_max"] is not None and got["jpg_util_max"] > 0
-        table.check(
-            "HW JPEG decoder in use",
-            used and not got["warnings"],
-            f"NVJPG busy {got['jpg_util_max'] if got['jpg_util_max'] is not None else '?'}%; capabilities {got['capabilities']}"
-            + (f"; {got['warnings'][0][:60]}" if got["warnings"] else ""),
-            "NVJPG > 0%, no warning",
-        )
-        table.add("  decode, hw_decoder_load=1", _spread(got["hw_rates"]))
-        table.add("  decode, CUDA decoder only", _spread(got["cuda_rates"]))
-
-    def sync_free() -> None:
-        for precision in ("bf16", "fp16") if not plan.dry else ("bf16",):
-            found = sync_free_steps(
-                precision, device, len(val.classes), batch=32 if not plan.dry else 4, size=64 if not plan.dry else 32
-            )
-            table.check(
-                f"no host sync per step, {precision}",
-                found is None,
-                "none" if found is None else found[:60],
-                "none (Accelerator, fused SGD)" if not plan.dry else "dry run: steps only",
-            )
-
-    def loaders() -> None:
-        for name, cfg in (
-            ("dali", recipe),
-            ("torch", dataclasses.replace(recipe, loader="torch")),
-            ("dali, hw_decoder_load=0", dataclasses.replace(recipe, hw_decoder_load=0.0)),
-        ):
-            if plan.dry and "hw" in name:
-                continue
-            rates = loader_rates(cfg, train_split, device, plan)
-            table.add(
-                f"loader {name} ({size} px, recipe)",
-                _spread(rates),
-                f">= {GOAL_IMAGES_PER_S:,} img/s",
-                "ok" if statistics.median(rates) >= GOAL_IMAGES_PER_S else "below",
-            )
-
-    e2e: dict = {}
-
-    def end_to_end_runs() -> None:
-        for batch in (plan.batch, RECIPE_BATCH if not plan.dry else plan.batch // 2):
-            e2e[batch] = end_to_end(root, work, batch, plan)
-            got = e2e[batch]
-            table.add(
-                f"train loop bf16 cl, batch {batch}",
-                _spread(got["rates"]) if got["rates"] else "no full window",
-                f">= {GOAL_IMAGES_PER_S:,} img/s",
-                "ok" if got["rates"] and statistics.median(got["rates"]) >= GOAL_IMAGES_PER_S else "below",
-            )
-
-    def startup_runs() -> None:
-        firsts = startup(root, work, plan)
-        e2e["startup"] = statistics.median(firsts)
-        table.add(
-            "time to first step (fresh process)", f"{e2e['startup']:.1f} s (range {min(firsts):.1f}-{max(firsts):.1f})"
-        )
-
-    stage("decode parity", decode)
-    stage("eval parity", evaluation)
-    stage("delayed read", delayed)
-    stage("HW decoder", decoder)
-    stage("sync-free steps", sync_free)
-    stage("loader windows", loaders)
-    stage("end-to-end runs", end_to_end_runs)
-    stage("start-up runs", startup_runs)
-
-    recipe_batch = RECIPE_BATCH if not plan.dry else plan.batch // 2
-    if e2e.get(recipe_batch, {}).get("rates") and "startup" in e2e:
-        rate = statistics.median(e2e[recipe_batch]["rates"])
-        steps = RECIPE_TRAIN_IMAGES // RECIPE_BATCH
-        seconds = e2e["startup"] + RECIPE_EPOCHS * (steps * RECIPE_BATCH / rate + e2e[recipe_batch]["eval_s"])
-        table.add(
-            "25-epoch recipe, extrapolated",
-            f"{seconds:.1f} s = start-up {e2e['startup']:.1f} + 25 x ({steps} steps "
-            f"at {rate:,.0f} img/s + eval {e2e[recipe_batch]['eval_s']:.2f} s)",
-            f"<= {GOAL_RECIPE_S:.0f} s",
-            "ok" if seconds <= GOAL_RECIPE_S else "over",
-        )
-    took = time.perf_counter() - began
-    table.check(
-        "gpu_check duration", took < GOAL_CHECK_S, f"{took:.0f} s (estimated {total:.0f} s)", f"< {GOAL_CHECK_S:.0f} s"
-    )
-
-    print(
-        f"\ngpu_check{' --dry-run (CPU, tiny sizes: no figure means anything)' if plan.dry else ''}: "
-        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}; {len(val)} photos; batch {plan.batch}; windows >= {plan.window} s"
-    )
-    print(table.render())
-    for row in table.failed:
-        print(f"FAILED: {row.check}: {row.value}")
-    (work / "gpu_check.json").write_text(json.dumps([dataclasses.asdict(r) for r in table.rows], indent=1) + "\n")
-    return 1 if table.failed else 0
+    stages = Stages.make(args, plan, device, val, began, estimate)
+    stages.run_all()
+    stages.recipe_row()
+    return _finish(stages, total)
 
 
 def main() -> int:

@@ -65,69 +65,86 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else "cpu")
 
 
-def _report(mode: str, results: dict[str, Any]) -> str:
+def _loader_report(results: dict[str, Any]) -> str:
+    """Images/s per loader setting, and the DALI / PyTorch ratio."""
     from .common import table
 
-    if mode == "loader":
-        rows = [
-            {"setting": r["setting"], **{k: r["images_per_s"][k] for k in ("median", "min", "max")}}
-            for r in results["rows"]
-        ]
-        text = table(
+    rows = [
+        {"setting": r["setting"], **{k: r["images_per_s"][k] for k in ("median", "min", "max")}}
+        for r in results["rows"]
+    ]
+    text = table(
+        rows,
+        [("setting", "setting", "s"), ("median", "img/s", ".0f"), ("min", "min", ".0f"), ("max", "max", ".0f")],
+    )
+    text += f"\nDALI / PyTorch = {results['ratio_dali_over_torch']:.2f}x"
+    if results.get("fused_finish_speedup"):
+        text += f"; DALI with the fused CPU finish / with DALI's rotate and colour operators = {results['fused_finish_speedup']:.2f}x"
+    return text
+
+
+def _step_report(results: dict[str, Any]) -> str:
+    """Images/s and FLOP/s per precision and memory format, against the matmul peak."""
+    from .common import table
+
+    rows = [
+        {
+            **r,
+            "img_s": r["images_per_s"]["median"],
+            "spread": f"{r['images_per_s']['min']:.1f}-{r['images_per_s']['max']:.1f}",
+            "gflops": r["achieved_flops_per_s"] / 1e9,
+            "peak": 100 * r["fraction_of_matmul_peak"],
+        }
+        for r in results["rows"]
+    ]
+    peaks = ", ".join(
+        f"{p} {v['flops_per_s']['max'] / 1e9:.0f} GFLOP/s (median {v['flops_per_s']['median'] / 1e9:.0f})"
+        for p, v in results["matmul_peak"].items()
+    )
+    return (
+        table(
             rows,
-            [("setting", "setting", "s"), ("median", "img/s", ".0f"), ("min", "min", ".0f"), ("max", "max", ".0f")],
+            [
+                ("precision", "precision", "s"),
+                ("memory_format", "format", "s"),
+                ("img_s", "img/s", ".1f"),
+                ("spread", "range", "s"),
+                ("gflops", "GFLOP/s", ".1f"),
+                ("peak", "% of matmul", ".0f"),
+            ],
         )
-        text += f"\nDALI / PyTorch = {results['ratio_dali_over_torch']:.2f}x"
-        if results.get("fused_finish_speedup"):
-            text += f"; DALI with the fused CPU finish / with DALI's rotate and colour operators = {results['fused_finish_speedup']:.2f}x"
-        return text
-    if mode == "step":
-        rows = [
-            {
-                **r,
-                "img_s": r["images_per_s"]["median"],
-                "spread": f"{r['images_per_s']['min']:.1f}-{r['images_per_s']['max']:.1f}",
-                "gflops": r["achieved_flops_per_s"] / 1e9,
-                "peak": 100 * r["fraction_of_matmul_peak"],
-            }
-            for r in results["rows"]
-        ]
-        peaks = ", ".join(
-            f"{p} {v['flops_per_s']['max'] / 1e9:.0f} GFLOP/s (median {v['flops_per_s']['median'] / 1e9:.0f})"
-            for p, v in results["matmul_peak"].items()
-        )
-        return (
-            table(
-                rows,
-                [
-                    ("precision", "precision", "s"),
-                    ("memory_format", "format", "s"),
-                    ("img_s", "img/s", ".1f"),
-                    ("spread", "range", "s"),
-                    ("gflops", "GFLOP/s", ".1f"),
-                    ("peak", "% of matmul", ".0f"),
-                ],
-            )
-            + f"\nmatmul peak ({results['matmul_peak'][next(iter(results['matmul_peak']))]['size']}^2): {peaks}; "
-            f"{results['rows'][0]['flops_per_image'] / 1e9:.2f} GFLOP per image (fwd + bwd, counted)"
-        )
-    if mode == "train":
-        f = results["fractions"]
-        return (
-            f"{results['world_size']} process(es), {results['loader']} loader, global batch {results['global_batch']} = "
-            f"{results['micro_batch_size']} x {results['world_size']} x {results['grad_accum_steps']} accumulation step(s), "
-            f"sync_bn {'on' if results['sync_bn'] else 'off'}: {results['images_per_s']:.1f} img/s, "
-            f"optimizer step {1000 * results['step_time']:.0f} ms = data wait {100 * f['data wait']:.0f}% "
-            f"+ compute {100 * f['compute']:.0f}% + communication {100 * f['communication']:.0f}%\n"
-            f"bottleneck: {results['bottleneck']}; most likely to move it: {results['advice']}"
-        )
-    if mode == "startup":
-        largest = ", ".join(f"{r['package']} {r['cumulative_s']:.1f} s" for r in results["largest_imports"])
-        first, imports = results["time_to_first_step_s"], results["import_s"]
-        return (
-            f"time to first step {first['median']:.1f} s (range {first['min']:.1f}-{first['max']:.1f}), of which imports "
-            f"{imports['median']:.1f} s (range {imports['min']:.1f}-{imports['max']:.1f}); largest imports: {largest}"
-        )
+        + f"\nmatmul peak ({results['matmul_peak'][next(iter(results['matmul_peak']))]['size']}^2): {peaks}; "
+        f"{results['rows'][0]['flops_per_image'] / 1e9:.2f} GFLOP per image (fwd + bwd, counted)"
+    )
+
+
+def _train_report(results: dict[str, Any]) -> str:
+    """The loop's throughput, its step-time split, the bottleneck and the advice, in one paragraph."""
+    f = results["fractions"]
+    return (
+        f"{results['world_size']} process(es), {results['loader']} loader, global batch {results['global_batch']} = "
+        f"{results['micro_batch_size']} x {results['world_size']} x {results['grad_accum_steps']} accumulation step(s), "
+        f"sync_bn {'on' if results['sync_bn'] else 'off'}: {results['images_per_s']:.1f} img/s, "
+        f"optimizer step {1000 * results['step_time']:.0f} ms = data wait {100 * f['data wait']:.0f}% "
+        f"+ compute {100 * f['compute']:.0f}% + communication {100 * f['communication']:.0f}%\n"
+        f"bottleneck: {results['bottleneck']}; most likely to move it: {results['advice']}"
+    )
+
+
+def _startup_report(results: dict[str, Any]) -> str:
+    """Time to the first step, the imports' share and the largest imports."""
+    largest = ", ".join(f"{r['package']} {r['cumulative_s']:.1f} s" for r in results["largest_imports"])
+    first, imports = results["time_to_first_step_s"], results["import_s"]
+    return (
+        f"time to first step {first['median']:.1f} s (range {first['min']:.1f}-{first['max']:.1f}), of which imports "
+        f"{imports['median']:.1f} s (range {imports['min']:.1f}-{imports['max']:.1f}); largest imports: {largest}"
+    )
+
+
+def _scaling_report(results: dict[str, Any]) -> str:
+    """Images/s, efficiency and bottleneck per world size."""
+    from .common import table
+
     rows = [{**r, "eff": 100 * r["efficiency"]} for r in results["rows"]]
     return table(
         rows,
@@ -140,65 +157,110 @@ def _report(mode: str, results: dict[str, Any]) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> Path | None:
-    """Run one mode; returns the JSON file written (None on the non-main processes of `train`)."""
-    from .. import config as config_module
+_REPORTS = {
+    "loader": _loader_report,
+    "step": _step_report,
+    "train": _train_report,
+    "startup": _startup_report,
+    "scaling": _scaling_report,
+}
+
+
+def _report(mode: str, results: dict[str, Any]) -> str:
+    """The printed summary of one mode's results."""
+    return _REPORTS[mode](results)
+
+
+def _bench_loader(args: argparse.Namespace, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """DALI against the PyTorch loader, on the configured data and worker count."""
+    from ..data import default_workers
+    from .loader import bench_loader
+
+    workers = default_workers(1) if cfg.data.num_workers < 0 else cfg.data.num_workers
+    return bench_loader(cfg, device, workers, args.repeats, args.epochs)
+
+
+def _bench_step(args: argparse.Namespace, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The model step alone on synthetic batches of the configured model and image size."""
+    from .step import bench_step
+
+    return bench_step(
+        cfg.model,
+        NUM_CLASSES,
+        cfg.data.image_size,
+        cfg.train.global_batch_size,
+        device,
+        precisions=args.precisions,
+        formats=args.formats,
+        compile_model=args.compile,
+        warmup=args.warmup,
+        steps=args.steps,
+        repeats=args.repeats,
+        matmul_size=args.matmul_size,
+    )
+
+
+def _bench_startup(args: argparse.Namespace, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Time to the first step of fresh processes, run in the result's folder."""
+    from .common import out_path
+    from .startup import bench_startup
+
+    path = out_path(args.out, cfg, args.mode)
+    return bench_startup(args.config, args.overrides, path.parent, args.repeats)
+
+
+def _bench_scaling(args: argparse.Namespace, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """`bench train` on 1..--max-processes processes, run under the result's folder."""
+    from .common import out_path
+    from .scaling import bench_scaling
+
+    path = out_path(args.out, cfg, args.mode)
+    return bench_scaling(
+        args.config,
+        args.overrides,
+        cfg.train.global_batch_size,
+        args.max_processes,
+        args.warmup,
+        args.steps,
+        path.parent / "scaling",
+    )
+
+
+# The modes measured in this one process; `train` runs on every process of its world (_run_train).
+_MEASURES = {"loader": _bench_loader, "step": _bench_step, "startup": _bench_startup, "scaling": _bench_scaling}
+
+
+def _write_and_print(
+    args: argparse.Namespace, cfg: Config, device: torch.device, results: dict[str, Any], world: int = 1, nodes: int = 1
+) -> Path:
+    """Write the JSON result, print the mode's summary and where the file went."""
     from .common import out_path, write_result
 
-    cfg = config_module.load(args.config, args.overrides)
-    device, world, nodes = _device(cfg), 1, 1
-    if args.mode == "loader":
-        from ..data import default_workers
-        from .loader import bench_loader
-
-        workers = default_workers(1) if cfg.data.num_workers < 0 else cfg.data.num_workers
-        results = bench_loader(cfg, device, workers, args.repeats, args.epochs)
-    elif args.mode == "step":
-        from .step import bench_step
-
-        results = bench_step(
-            cfg.model,
-            NUM_CLASSES,
-            cfg.data.image_size,
-            cfg.train.global_batch_size,
-            device,
-            precisions=args.precisions,
-            formats=args.formats,
-            compile_model=args.compile,
-            warmup=args.warmup,
-            steps=args.steps,
-            repeats=args.repeats,
-            matmul_size=args.matmul_size,
-        )
-    elif args.mode == "train":
-        from .loop import bench_train
-
-        results, accelerator = bench_train(cfg, args.warmup, args.steps)
-        if results is None:
-            accelerator.end_training()
-            return None
-        device, world, nodes = accelerator.device, results["world_size"], results["num_nodes"]
-    elif args.mode == "startup":
-        from .startup import bench_startup
-
-        path = out_path(args.out, cfg, args.mode)
-        results = bench_startup(args.config, args.overrides, path.parent, args.repeats)
-    else:
-        from .scaling import bench_scaling
-
-        path = out_path(args.out, cfg, args.mode)
-        results = bench_scaling(
-            args.config,
-            args.overrides,
-            cfg.train.global_batch_size,
-            args.max_processes,
-            args.warmup,
-            args.steps,
-            path.parent / "scaling",
-        )
     path = write_result(out_path(args.out, cfg, args.mode), args.mode, cfg, device, results, world, nodes)
     print(_report(args.mode, results))
     print(f"wrote {path}")
-    if args.mode == "train":
-        accelerator.end_training()
     return path
+
+
+def _run_train(args: argparse.Namespace, cfg: Config) -> Path | None:
+    """`bench train` on every process of the world; only the main process writes and prints."""
+    from .loop import bench_train
+
+    results, accelerator = bench_train(cfg, args.warmup, args.steps)
+    if results is None:
+        accelerator.end_training()
+        return None
+    path = _write_and_print(args, cfg, accelerator.device, results, results["world_size"], results["num_nodes"])
+    accelerator.end_training()
+    return path
+
+
+def run(args: argparse.Namespace) -> Path | None:
+    """Run one mode; returns the JSON file written (None on the non-main processes of `train`)."""
+    from .. import config as config_module
+
+    cfg = config_module.load(args.config, args.overrides)
+    if args.mode == "train":
+        return _run_train(args, cfg)
+    device = _device(cfg)
+    return _write_and_print(args, cfg, device, _MEASURES[args.mode](args, cfg, device))

@@ -82,6 +82,75 @@ def step_rates(
     return rates
 
 
+def _check_precisions(precisions: list[str], device: torch.device) -> None:
+    """Refuse a precision this device cannot run, before anything is measured."""
+    unsupported = [p for p in precisions if p not in precisions_available(device)]
+    if unsupported:
+        raise ValueError(
+            f"precision {unsupported[0]} is not available on {device.type} (available: {precisions_available(device)})"
+        )
+
+
+def _synthetic_batch(
+    batch: int, image_size: int, num_classes: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed-seed batch of random images and labels, already on the device."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    return images, labels
+
+
+def _format_row(
+    model_cfg: ModelConfig,
+    num_classes: int,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    *,
+    precision: str,
+    memory_format: str,
+    compile_model: bool,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    lr: float,
+) -> dict[str, Any]:
+    """A fresh model in one precision and memory format: its counted FLOPs and timed steps (no peak fraction yet)."""
+    channels_last = memory_format == "channels_last"
+    model = build_model(
+        ModelConfig(name=model_cfg.name, pretrained="none", channels_last=channels_last), num_classes
+    ).to(device)
+    x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    with autocast(device, precision):
+        flops = count_flops(model, x, labels)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    stepped = torch.compile(model) if compile_model else model
+    rates = step_rates(stepped, optimizer, x, labels, device, precision, warmup, steps, repeats)
+    batch = images.shape[0]
+    return {
+        "precision": precision,
+        "memory_format": memory_format,
+        "compiled": compile_model,
+        "images_per_s": spread(rates),
+        "flops_per_image": flops / batch,
+        "achieved_flops_per_s": spread(rates)["median"] * flops / batch,
+    }
+
+
+def _settle_peak(
+    peak: dict[str, Any], rows: list[dict[str, Any]], device: torch.device, precision: str, size: int, reps: int
+) -> None:
+    """Measure the peak again and set each of this precision's rows' fraction of the best product."""
+    # Measured again after the steps: the peak is the best product seen, so a burst of load from
+    # other processes during one measurement does not flatter the step.
+    after = matmul_peak(device, precision, size, reps)["flops_per_s"]["values"]
+    peak["flops_per_s"] = spread(peak["flops_per_s"]["values"] + after)
+    for row in rows:
+        if row["precision"] == precision:
+            row["fraction_of_matmul_peak"] = row["achieved_flops_per_s"] / peak["flops_per_s"]["max"]
+
+
 def bench_step(
     model_cfg: ModelConfig,
     num_classes: int,
@@ -99,49 +168,30 @@ def bench_step(
     lr: float = 1e-3,
 ) -> dict[str, Any]:
     """One row per (precision, memory format): images/s, achieved FLOP/s and its fraction of the matmul peak (the best product)."""
-    unsupported = [p for p in precisions if p not in precisions_available(device)]
-    if unsupported:
-        raise ValueError(
-            f"precision {unsupported[0]} is not available on {device.type} (available: {precisions_available(device)})"
-        )
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
-    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    _check_precisions(precisions, device)
+    images, labels = _synthetic_batch(batch, image_size, num_classes, device)
     rows, peaks = [], {}
     reps = max(5, repeats)
     for precision in precisions:
         peaks[precision] = matmul_peak(device, precision, matmul_size, reps)
         for memory_format in formats:
-            channels_last = memory_format == "channels_last"
-            model = build_model(
-                ModelConfig(name=model_cfg.name, pretrained="none", channels_last=channels_last), num_classes
-            ).to(device)
-            x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
-            with autocast(device, precision):
-                flops = count_flops(model, x, labels)
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-            stepped = torch.compile(model) if compile_model else model
-            rates = step_rates(stepped, optimizer, x, labels, device, precision, warmup, steps, repeats)
-            med = spread(rates)["median"]
-            achieved = med * flops / batch
             rows.append(
-                {
-                    "precision": precision,
-                    "memory_format": memory_format,
-                    "compiled": compile_model,
-                    "images_per_s": spread(rates),
-                    "flops_per_image": flops / batch,
-                    "achieved_flops_per_s": achieved,
-                }
+                _format_row(
+                    model_cfg,
+                    num_classes,
+                    images,
+                    labels,
+                    device,
+                    precision=precision,
+                    memory_format=memory_format,
+                    compile_model=compile_model,
+                    warmup=warmup,
+                    steps=steps,
+                    repeats=repeats,
+                    lr=lr,
+                )
             )
-            del model, optimizer, stepped
-        # Measured again after the steps: the peak is the best product seen, so a burst of load from
-        # other processes during one measurement does not flatter the step.
-        after = matmul_peak(device, precision, matmul_size, reps)["flops_per_s"]["values"]
-        peaks[precision]["flops_per_s"] = spread(peaks[precision]["flops_per_s"]["values"] + after)
-        for row in rows:
-            if row["precision"] == precision:
-                row["fraction_of_matmul_peak"] = row["achieved_flops_per_s"] / peaks[precision]["flops_per_s"]["max"]
+        _settle_peak(peaks[precision], rows, device, precision, matmul_size, reps)
     return {
         "image_size": image_size,
         "batch": batch,

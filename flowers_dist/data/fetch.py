@@ -115,6 +115,71 @@ def _images_by_class(top: Path) -> dict[str, list[str]]:
     return {k: v for k, v in found.items() if v}
 
 
+def _refuse_foreign_splits(dest: Path, staging: Path) -> None:
+    """Refuse a dest whose train/ or val/ this module did not write (they would be deleted below)."""
+    # train/ and val/ are removed below as leftovers of an interrupted fetch; that is only safe when this
+    # module made them. From the first rename on, .staging or split.json is there until .complete is.
+    existing = [p for p in ("train", "val") if (dest / p).exists()]
+    if existing and not (staging.exists() or (dest / "split.json").exists()):
+        raise FetchError(
+            f"{dest} already holds {' and '.join(existing)}/ that fetch did not write; choose a new or empty folder"
+        )
+
+
+def _verified_archive(dest: Path, url: str, sha256: str, progress: bool) -> Path:
+    """The archive in dest, downloaded unless a verified copy is already there."""
+    archive = dest / Path(url.split("?")[0]).name
+    # An archive kept from an earlier fetch may come from another URL or checksum: reuse it only if it matches.
+    if archive.is_file() and sha256_of(archive) != sha256.lower():
+        archive.unlink()
+    if not archive.is_file():
+        download(url, archive, sha256, progress=progress)
+    return archive
+
+
+def _move_split(top: Path, staging: Path, split: dict[str, dict[str, list[str]]]) -> None:
+    """Move each extracted image into staging/<train|val>/<class>/."""
+    for part, classes in split.items():
+        for name, files in classes.items():
+            (staging / part / name).mkdir(parents=True)
+            for f in files:
+                (top / name / f).replace(staging / part / name / f)
+
+
+def _remove_partial_split(dest: Path, staging: Path) -> None:
+    """Delete whatever a failed split left behind (not the archive)."""
+    for made in (staging, dest / "train", dest / "val", dest / "split.json"):
+        if made.is_dir():
+            shutil.rmtree(made, ignore_errors=True)
+        else:
+            made.unlink(missing_ok=True)
+
+
+def _write_split(
+    archive: Path, dest: Path, staging: Path, url: str, sha256: str, val_fraction: float, seed: int
+) -> tuple[dict[str, dict[str, list[str]]], int]:
+    """Extract, split and move into dest/train and dest/val, with split.json; returns the split and the class count."""
+    try:
+        top = _extract(archive, staging / "extracted")
+        files_by_class = _images_by_class(top)
+        if not files_by_class:
+            raise FetchError(f"{archive} holds no class folders with images")
+        split = stratified_split(files_by_class, val_fraction, seed)
+        _move_split(top, staging, split)
+        for part in split:
+            (staging / part).replace(dest / part)
+        (dest / "split.json").write_text(
+            json.dumps(
+                {"url": url, "sha256": sha256, "val_fraction": val_fraction, "seed": seed, "split": split}, indent=1
+            )
+        )
+    except BaseException:
+        # Leave no half-made split behind (the archive, verified, stays for the next attempt).
+        _remove_partial_split(dest, staging)
+        raise
+    return split, len(files_by_class)
+
+
 def fetch_flowers(
     dest: str | Path,
     url: str = FLOWERS_URL,
@@ -137,53 +202,17 @@ def fetch_flowers(
     if progress is None:
         progress = sys.stderr.isatty()
     staging = dest / ".staging"
-    # train/ and val/ are removed below as leftovers of an interrupted fetch; that is only safe when this
-    # module made them. From the first rename on, .staging or split.json is there until .complete is.
-    existing = [p for p in ("train", "val") if (dest / p).exists()]
-    if existing and not (staging.exists() or (dest / "split.json").exists()):
-        raise FetchError(
-            f"{dest} already holds {' and '.join(existing)}/ that fetch did not write; choose a new or empty folder"
-        )
+    _refuse_foreign_splits(dest, staging)
     dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / Path(url.split("?")[0]).name
-    # An archive kept from an earlier fetch may come from another URL or checksum: reuse it only if it matches.
-    if archive.is_file() and sha256_of(archive) != sha256.lower():
-        archive.unlink()
-    if not archive.is_file():
-        download(url, archive, sha256, progress=progress)
+    archive = _verified_archive(dest, url, sha256, progress)
     shutil.rmtree(staging, ignore_errors=True)
     for leftover in ("train", "val"):  # from an earlier attempt that stopped before the marker
         shutil.rmtree(dest / leftover, ignore_errors=True)
-    try:
-        top = _extract(archive, staging / "extracted")
-        files_by_class = _images_by_class(top)
-        if not files_by_class:
-            raise FetchError(f"{archive} holds no class folders with images")
-        split = stratified_split(files_by_class, val_fraction, seed)
-        for part, classes in split.items():
-            for name, files in classes.items():
-                (staging / part / name).mkdir(parents=True)
-                for f in files:
-                    (top / name / f).replace(staging / part / name / f)
-        for part in split:
-            (staging / part).replace(dest / part)
-        (dest / "split.json").write_text(
-            json.dumps(
-                {"url": url, "sha256": sha256, "val_fraction": val_fraction, "seed": seed, "split": split}, indent=1
-            )
-        )
-    except BaseException:
-        # Leave no half-made split behind (the archive, verified, stays for the next attempt).
-        for made in (staging, dest / "train", dest / "val", dest / "split.json"):
-            if made.is_dir():
-                shutil.rmtree(made, ignore_errors=True)
-            else:
-                made.unlink(missing_ok=True)
-        raise
+    split, num_classes = _write_split(archive, dest, staging, url, sha256, val_fraction, seed)
     shutil.rmtree(staging)
     if not keep_archive:
         archive.unlink()
     (dest / COMPLETE).write_text(sha256 + "\n")
     counts = {part: sum(len(v) for v in classes.values()) for part, classes in split.items()}
-    print(f"wrote {dest}: {counts['train']} train / {counts['val']} val images in {len(files_by_class)} classes")
+    print(f"wrote {dest}: {counts['train']} train / {counts['val']} val images in {num_classes} classes")
     return dest

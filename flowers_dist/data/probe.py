@@ -118,25 +118,12 @@ def sniff(head: bytes) -> str:
     return "unknown binary data"
 
 
-def probe(path: str, max_pixels: int, min_side: int) -> Probe:
-    """Classify one file (never raises for a bad file)."""
-    try:
-        with open(path, "rb") as fh:  # follows symlinks: a loop fails here with ELOOP
-            data = fh.read()
-    except OSError as exc:
-        return Probe(path, "unreadable", exc.strerror or str(exc))
-    common = dict(digest=hashlib.sha256(data).hexdigest(), bytes=len(data))
-    if not data:
-        return Probe(path, "zero_bytes", "the file is empty", **common)
-    what = sniff(data[:64])
-    if what not in DECODABLE:
-        image_like = what in ("GIF", "BMP", "TIFF", "WebP", "HEIF/MP4")
-        why = "an image format the loaders are not checked on" if image_like else "not an image"
-        return Probe(path, "not_image", f"{what} ({why})", **common)
+def _open(path: str, data: bytes, what: str, common: dict) -> Image.Image | Probe:
+    """PIL's lazy open (header only), or the verdict on a file whose header PIL refuses."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size limit is ours, below
-            img = Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # raised from the header alone, before any pixel is decoded
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
@@ -145,12 +132,10 @@ def probe(path: str, max_pixels: int, min_side: int) -> Probe:
         return Probe(path, "unreadable", f"{what} signature, but PIL cannot identify the image", **common)
     except (OSError, SyntaxError, ValueError) as exc:
         return Probe(path, "unreadable", f"{what} signature, but PIL: {exc}", **common)
-    w, h = img.size
-    common.update(width=w, height=h)
-    if w * h > max_pixels:
-        return Probe(path, "too_large", f"{w}x{h} = {w * h:,} pixels, over data.max_pixels={max_pixels:,}", **common)
-    if min(w, h) < min_side:
-        return Probe(path, "too_small", f"{w}x{h}, a side under data.min_side={min_side}", **common)
+
+
+def _notes(img: Image.Image, what: str) -> list[tuple[str, str]]:
+    """The NOTES kinds that apply to an opened image, each with its detail, in NOTES order."""
     notes = []
     if what != "JPEG" or img.format != "JPEG":
         notes.append(("not_jpeg", f"{what} data"))
@@ -166,6 +151,12 @@ def probe(path: str, max_pixels: int, min_side: int) -> Probe:
         orientation = 1
     if orientation not in (0, 1):
         notes.append(("exif_orientation", f"EXIF orientation {orientation}"))
+    return notes
+
+
+def _decode_failure(img: Image.Image) -> tuple[str, str] | None:
+    """Decode the whole stream; (kind, detail) when it fails, None when it decodes."""
+    w, h = img.size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -173,10 +164,40 @@ def probe(path: str, max_pixels: int, min_side: int) -> Probe:
                 img.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # DCT scaling: 1/8 the work, same stream read
             img.load()
     except OSError as exc:
-        kind = "truncated" if "truncated" in str(exc) else "unreadable"
-        return Probe(path, kind, f"PIL: {exc}", notes=tuple(n for n, _ in notes), **common)
+        return ("truncated" if "truncated" in str(exc) else "unreadable"), f"PIL: {exc}"
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return Probe(path, "unreadable", f"PIL: {exc}", notes=tuple(n for n, _ in notes), **common)
+        return "unreadable", f"PIL: {exc}"
+    return None
+
+
+def probe(path: str, max_pixels: int, min_side: int) -> Probe:
+    """Classify one file (never raises for a bad file)."""
+    try:
+        with open(path, "rb") as fh:  # follows symlinks: a loop fails here with ELOOP
+            data = fh.read()
+    except OSError as exc:
+        return Probe(path, "unreadable", exc.strerror or str(exc))
+    common = dict(digest=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    if not data:
+        return Probe(path, "zero_bytes", "the file is empty", **common)
+    what = sniff(data[:64])
+    if what not in DECODABLE:
+        image_like = what in ("GIF", "BMP", "TIFF", "WebP", "HEIF/MP4")
+        why = "an image format the loaders are not checked on" if image_like else "not an image"
+        return Probe(path, "not_image", f"{what} ({why})", **common)
+    img = _open(path, data, what, common)
+    if isinstance(img, Probe):
+        return img
+    w, h = img.size
+    common.update(width=w, height=h)
+    if w * h > max_pixels:
+        return Probe(path, "too_large", f"{w}x{h} = {w * h:,} pixels, over data.max_pixels={max_pixels:,}", **common)
+    if min(w, h) < min_side:
+        return Probe(path, "too_small", f"{w}x{h}, a side under data.min_side={min_side}", **common)
+    notes = _notes(img, what)
+    failure = _decode_failure(img)
+    if failure is not None:
+        return Probe(path, *failure, notes=tuple(n for n, _ in notes), **common)
     if notes:
         return Probe(path, notes[0][0], "; ".join(d for _, d in notes), notes=tuple(n for n, _ in notes), **common)
     return Probe(path, "ok", **common)
