@@ -30,7 +30,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="flowers-dist", description="Distributed image-classification training (flowers)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval, _add_predict, _add_report, _add_bench, _add_data):
+        add(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser(
         "train",
         help="train, or resume, a run",
@@ -47,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a labelled folder")
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--data", required=True, help="data-set root (its val/ is used) or a folder of class folders")
@@ -61,15 +68,21 @@ def _parser() -> argparse.ArgumentParser:
         help="decoder: auto = DALI where it imports, else PyTorch (files that do not decode are skipped and named)",
     )
 
+
+def _add_predict(sub) -> None:
     pr = sub.add_parser("predict", help="top-k classes for images or folders of images")
     pr.add_argument("checkpoint", type=Path)
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     pr.add_argument("--topk", type=int, default=3)
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+
+def _add_report(sub) -> None:
     rep = sub.add_parser("report", help="plots and a summary of a run (finished or not) from its metrics.jsonl")
     rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser(
         "bench",
         help="measure loader, model step, training loop or scaling, and say where the time goes",
@@ -79,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="data-set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="download flower_photos and write a stratified train/val split")
@@ -100,7 +115,6 @@ def _parser() -> argparse.ArgumentParser:
     add_pack_arguments(
         data_sub.add_parser("pack", help="the usable files of train/ and val/ as WebDataset tar shards with a manifest")
     )
-    return parser
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -140,6 +154,67 @@ def _predict(args: argparse.Namespace) -> None:
             print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from .inference import run_eval
+
+    run_eval(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.json, args.loader)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    files, text = write_report(args.run_dir)
+    print(text, end="")
+    print(f"wrote {len(files)} files to {args.run_dir / 'report'}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import run
+
+    run(args)
+
+
+def _data(args: argparse.Namespace) -> int | None:
+    if args.data_command == "check":
+        from .data.check_cli import run as run_check
+
+        return run_check(args)
+    if args.data_command == "pack":
+        from .data.pack import run as run_pack
+
+        return run_pack(args)
+    from .data.fetch import FetchError, fetch_flowers
+
+    kwargs = {k: v for k, v in {"url": args.url, "sha256": args.sha256}.items() if v}
+    try:
+        fetch_flowers(
+            args.dest, val_fraction=args.val_fraction, seed=args.seed, keep_archive=args.keep_archive, **kwargs
+        )
+    except FetchError as exc:
+        raise DataError(str(exc)) from None
+    return None
+
+
+# Each command's runner; one that returns an int sets the exit code (data check's 0/1/2), None means 0.
+_COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "report": _report, "bench": _bench, "data": _data}
+
+
+def _error_exit(exc: Exception) -> int:
+    """The exit code of an error the command ended with, after its one line on stderr."""
+    if isinstance(exc, PreemptedError):
+        print(f"flowers-dist: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    code = EXIT_HUNG if isinstance(exc, HungError) else EXIT_DISK if isinstance(exc, DiskError) else EXIT_USER_ERROR
+    # Under a launcher every process meets the same user error (data and config are checked alike on all ranks,
+    # or decided on rank 0 and shared): one line from rank 0, the same exit code from all.
+    if code != EXIT_USER_ERROR or int(os.environ.get("RANK", "0")) == 0:
+        print(f"flowers-dist: error: {exc}", file=sys.stderr)
+    if code == EXIT_USER_ERROR and int(os.environ.get("RANK", "0")) == 0 and os.environ.get("FLOWERS_DIST_ERROR_FILE"):
+        # launch/*.sh print it again after the launcher's traceback, as the last line.
+        Path(os.environ["FLOWERS_DIST_ERROR_FILE"]).write_text(f"flowers-dist: error: {exc}\n")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = _parser()
@@ -150,61 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     try:
-        if args.command == "train":
-            _train(args)
-        elif args.command == "eval":
-            from .inference import run_eval
-
-            run_eval(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.json, args.loader)
-        elif args.command == "predict":
-            _predict(args)
-        elif args.command == "report":
-            from .report import write_report
-
-            files, text = write_report(args.run_dir)
-            print(text, end="")
-            print(f"wrote {len(files)} files to {args.run_dir / 'report'}")
-        elif args.command == "bench":
-            from .bench import run
-
-            run(args)
-        elif args.command == "data" and args.data_command == "check":
-            from .data.check_cli import run as run_check
-
-            return run_check(args)
-        elif args.command == "data" and args.data_command == "pack":
-            from .data.pack import run as run_pack
-
-            return run_pack(args)
-        elif args.command == "data":
-            from .data.fetch import FetchError, fetch_flowers
-
-            kwargs = {k: v for k, v in {"url": args.url, "sha256": args.sha256}.items() if v}
-            try:
-                fetch_flowers(
-                    args.dest, val_fraction=args.val_fraction, seed=args.seed, keep_archive=args.keep_archive, **kwargs
-                )
-            except FetchError as exc:
-                raise DataError(str(exc)) from None
-    except PreemptedError as exc:
-        print(f"flowers-dist: {exc}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except HungError as exc:
-        print(f"flowers-dist: error: {exc}", file=sys.stderr)
-        return EXIT_HUNG
-    except DiskError as exc:
-        print(f"flowers-dist: error: {exc}", file=sys.stderr)
-        return EXIT_DISK
-    except USER_ERRORS as exc:
-        # Under a launcher every process meets the same error (data and config are checked alike on
-        # all ranks, or decided on rank 0 and shared): one line from rank 0, the same exit code from all.
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"flowers-dist: error: {exc}", file=sys.stderr)
-            if os.environ.get("FLOWERS_DIST_ERROR_FILE"):
-                # launch/*.sh print it again after the launcher's traceback, as the last line.
-                Path(os.environ["FLOWERS_DIST_ERROR_FILE"]).write_text(f"flowers-dist: error: {exc}\n")
-        return EXIT_USER_ERROR
-    return 0
+        return _COMMANDS[args.command](args) or 0
+    except (PreemptedError, HungError, DiskError, *USER_ERRORS) as exc:
+        return _error_exit(exc)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def build_parts(
     cfg: Config,
     accelerator: Accelerator,
     data: CheckedData,
+    layout: BatchLayout,
     load: Callable[[torch.nn.Module, torch.optim.Optimizer], str | None] | None = None,
 ) -> Parts:
     """Model, optimizer and loaders as the config asks, in the order they must be made.
@@ -115,7 +116,6 @@ def build_parts(
     `load(model, optimizer)` runs before `prepare` (a checkpoint fits the bare model) and returns
     this rank's saved loader state, or None; `train` passes its resume there.
     """
-    layout = batch_layout(cfg.train, accelerator.num_processes, len(data.train))
     set_seed(cfg.train.seed)  # same new-head initialisation on every rank
     with accelerator.main_process_first():  # one download into the cache, the other ranks read it
         model = build_model(cfg.model, len(data.classes))

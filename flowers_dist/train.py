@@ -26,11 +26,12 @@ from accelerate.utils import broadcast_object_list, gather_object, is_compiled_m
 from . import checkpoint_file, errors, resume_check
 from .checkpointing import CheckpointManager, Claim, Position, Progress, default_run_name
 from .config import Config, ConfigError
+from .data.audit import write_samples
 from .distributed import num_nodes
 from .environment import environment
 from .errors import DiskError, HungError, PreemptedError
 from .evaluate import EvalResult, local_counts
-from .parts import CheckedData, Parts, build_parts, checked_data, run_accelerator
+from .parts import CheckedData, Parts, batch_layout, build_parts, checked_data, run_accelerator
 from .preemption import StopSignals
 from .recorder import Recorder
 from .schedule import lr_at_step
@@ -70,6 +71,8 @@ def setup(
     wandb_mode = resolve_mode(cfg.tracking)
     accelerator = run_accelerator(cfg, log_with=None if wandb_mode == "disabled" else "wandb")
     data = checked_data(cfg, accelerator)
+    # Before the folder is claimed: a global batch that does not split over the processes leaves no run folder.
+    layout = batch_layout(cfg.train, accelerator.num_processes, len(data.train))
     ckpt, claim = claim_run_folder(accelerator, cfg, config_name, resume)
     progress, resume_changes = Progress(), {}
     try:
@@ -85,12 +88,14 @@ def setup(
             rec.continue_clock(progress.elapsed)
             return progress.loader_state
 
-        parts = build_parts(cfg, accelerator, data, load if claim.resume_from is not None else None)
+        parts = build_parts(cfg, accelerator, data, layout, load if claim.resume_from is not None else None)
     except BaseException:
         ckpt.close()
         raise
     resume_note = {"overrides": overrides, "changed": resume_changes, "forced": force} if claim.resume_from else None
     _record_start(cfg, accelerator, data, parts, rec, ckpt, claim, progress.position, resume_note)
+    if progress.note:
+        rec.print(f"warning: {progress.note}")
     return Trainer(
         cfg=cfg,
         accelerator=accelerator,
@@ -319,12 +324,20 @@ class Trainer:
                 if stop or time_due or self.ckpt.periodic_due(global_step):
                     self.save(Position(epoch, step), sums)
                 if stop:
+                    self.record_samples(epoch, skip)
                     raise _Stopped(self.signals.received or "a peer's signal", Position(epoch, step))
         if next(batches, None) is not None:  # also lets the loader finish its epoch (DALI reads its tail)
             raise RuntimeError(f"the loader yields more than {steps} x {accum} micro-batches an epoch")
+        self.record_samples(epoch, skip)
         sync(self.device)
         self.rec.close_bar()
         return torch.cat([sums, (sums - restored)[COUNT:]]), time.perf_counter() - epoch_start
+
+    def record_samples(self, epoch: int, first_step: int) -> None:
+        """train.record_samples: this process writes the samples it trained in this epoch from `first_step` on."""
+        if self.cfg.train.record_samples:
+            names = self.parts.train_loader.trained()
+            write_samples(self.ckpt.run_dir, epoch, self.accelerator.process_index, first_step, names)
 
     def save(self, position: Position, sums: torch.Tensor, is_best: bool = False) -> None:
         """Every rank: gather the per-rank parts (a collective), then the main process writes in the background."""
