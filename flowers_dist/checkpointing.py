@@ -63,6 +63,8 @@ class Progress:
     """This rank's running (loss x n, correct, n) of the unfinished epoch, for a mid-epoch resume."""
     loader_state: str | None = None
     """This rank's loader state (DALI reader and random generators) at `position`."""
+    note: str | None = None
+    """A guarantee this resume cannot keep, in one line for the run's start (None: it resumes exactly)."""
 
 
 @dataclass
@@ -73,6 +75,20 @@ class Claim:
     resume_from: str | None = None
     notes: list[str] = field(default_factory=list)
     error: tuple[str, str] | None = None  # (error class name, one-line message), raised on every rank
+
+
+def world_change_note(saved_world: int, world: int, pos: Position) -> str:
+    """Why a mid-epoch resume at another world size is approximate when the run was saved with DALI's reader state.
+
+    Only DALI's full-epoch reader saves a state (per rank, over its own shard of the data): it
+    cannot be dealt to another number of ranks. The PyTorch loader's order is a function of
+    (seed, epoch) and the world size (contract.train_shard), so its resumes are exact anywhere.
+    """
+    return (
+        f"resumed on {world} process(es) from a {saved_world}-process DALI checkpoint at epoch {pos.epoch + 1} "
+        f"step {pos.step}: DALI's reader restarts the epoch's order; samples of epoch {pos.epoch + 1} may repeat "
+        "or be skipped (exact with data.loader=torch)"
+    )
 
 
 class CheckpointManager:
@@ -216,6 +232,8 @@ class CheckpointManager:
         loaders = state["loader_states"]
         if same_world and len(loaders) == world:
             progress.loader_state = loaders[rank]
+        elif progress.position.step > 0 and any(s is not None for s in loaders):
+            progress.note = world_change_note(state["world_size"], world, progress.position)
         sums = state["epoch_sums"]
         if progress.position.step > 0 and sums:
             if same_world and len(sums) == world:

@@ -199,6 +199,9 @@ class TrainConfig:
     """Seconds without a finished training step or eval batch before a rank gives up with exit code 69 (0 = off)."""
     cudnn_benchmark: bool = True
     """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the fastest (fixed-size batches)."""
+    record_samples: bool = False
+    """Audit: write, per epoch and rank, the samples trained (a pack's keys, a folder's relative paths) to
+    <run>/samples/epoch-EEE.rank-R.from-SSSSSS.txt (one file per part of an epoch a process trained, from step S)."""
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")

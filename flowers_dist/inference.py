@@ -10,7 +10,7 @@ from accelerate.utils import broadcast_object_list
 
 from . import checkpoint_file
 from .config import from_dict
-from .data import Placement, build_loader, scan_split
+from .data import Placement, Split, build_loader, scan_split, shards
 from .data.contract import DeviceNormalizer
 from .data.folder import IMAGE_SUFFIXES, DataError, resolve_eval_dir
 from .data.torch_loader import eval_transform, load_rgb
@@ -42,11 +42,12 @@ def run_eval(
     """Every process counts its shard; counts are summed once, so each image counts exactly once.
 
     Files that do not decode are left out (and named) by the data check, whichever the loader.
+    `data_dir` may be a packed data set (`data pack`): its val split is read from the shards.
     """
     accelerator = make_accelerator(device, "no")
     model, cfg, classes = load_trained(checkpoint_path, accelerator.device)
     cfg.data.loader = loader
-    split = scan_split(resolve_eval_dir(data_dir), classes)
+    split = eval_split(data_dir, classes)
     split, skipped = shared(lambda: usable_split(cfg.data, split), accelerator.is_main_process, broadcast_object_list)
     if accelerator.is_main_process and skipped.count:
         print(skipped.line().replace("data check:", "eval:") + "; skipped files:")
@@ -72,6 +73,16 @@ def run_eval(
                 + "\n"
             )
     return result
+
+
+def eval_split(data_dir: str | Path, classes: list[str]) -> Split:
+    """The labelled split to evaluate: a pack's val split, a data set's val/, or a folder of class folders."""
+    if shards.is_packed(data_dir):
+        split = shards.split(shards.load(data_dir), "val")
+        if list(split.classes) != list(classes):
+            raise DataError(f"the classes packed in {data_dir} differ from those the checkpoint was trained on")
+        return split
+    return scan_split(resolve_eval_dir(data_dir), classes)
 
 
 def image_paths(inputs: list[str]) -> list[Path]:

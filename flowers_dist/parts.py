@@ -148,6 +148,7 @@ def build_loaders(
         max_steps=micro_batches,
         resume_state=resume_state,
         accum=layout.accum,
+        record=cfg.train.record_samples,
     )
     if len(train_loader) != micro_batches:  # the loaders' contract with the loop; a bug if it breaks
         raise RuntimeError(

@@ -39,6 +39,7 @@ HARMLESS = {
     "train.checkpoint_every_steps",
     "train.checkpoint_every_minutes",
     "train.keep_checkpoints",
+    "train.record_samples",
     "train.stop_check_every",
     "train.collective_timeout",
     "train.watchdog",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..config import DataConfig
 from .folder import DataError, Split, scan_dataset, scan_split
+from .shards import is_packed
 
 if TYPE_CHECKING:
     from .contract import BatchLoader, Placement
@@ -34,6 +35,7 @@ __all__ = [
     "build_loader",
     "dali_status",
     "default_workers",
+    "is_packed",
     "scan_dataset",
     "scan_split",
 ]
@@ -74,6 +76,7 @@ def build_loader(
     max_steps: int = 0,
     resume_state: str | None = None,
     accum: int = 1,
+    record: bool = False,
 ) -> BatchLoader:
     """The loader that cfg.loader names (auto: DALI when it imports, else PyTorch), behind the one contract.
 
@@ -82,6 +85,9 @@ def build_loader(
     `max_steps` counts micro-batches); in evaluation train.eval_batch_size.
 
     `resume_state` is what this rank's loader returned from `resume_state()` when the run was saved.
+    `record` (train.record_samples): the loader must be able to name the samples it hands out
+    (`trained()`); the PyTorch loader always can, DALI then returns each sample's source.
+    `split` is a folder's files or a pack's samples (shards.split); both loaders read either.
     """
     kind = cfg.loader
     if kind in ("dali", "auto"):
@@ -98,7 +104,9 @@ def build_loader(
     if kind == "dali":
         from .dali import build_dali_loader
 
-        return build_dali_loader(cfg, split, train, batch_size, placement, seed, max_steps, resume_state, accum=accum)
+        return build_dali_loader(
+            cfg, split, train, batch_size, placement, seed, max_steps, resume_state, accum=accum, keys=record
+        )
     from .torch_loader import build_torch_loader
 
     return build_torch_loader(cfg, split, train, batch_size, placement, seed, max_steps, accum)

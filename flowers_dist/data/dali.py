@@ -34,7 +34,9 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
@@ -44,6 +46,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from ..config import DataConfig
 from .contract import Placement, train_shard
 from .folder import DataError, Split
+from .shards import LABEL_EXT, Sample, SampleReader
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,21 @@ OUTPUTS = ["images", "labels"]
 OWN_THE_BATCH = dict(exec_dynamic=False)
 
 
-def _reader(files: list[str], labels: list[int], shard_id: int, num_shards: int, shuffle: bool, reader_seed: int):
+def _reader(
+    files: list[str],
+    labels: list[int],
+    shard_id: int,
+    num_shards: int,
+    shuffle: bool,
+    reader_seed: int,
+    shards: tuple[list[str], list[str]] | None = None,
+    samples: tuple[Sample, ...] | None = None,
+):
+    """The encoded images and their labels: from files, from a pack's shards, or (cut epochs of a pack) listed samples."""
+    if samples is not None:
+        return _listed_samples(samples)
+    if shards is not None:
+        return _webdataset(*shards, shard_id, num_shards, shuffle, reader_seed)
     # pad_last_batch gives every shard the same number of batches (the last ones padded with a
     # repeated sample) and, read with the iterator's PARTIAL policy, ends each epoch exactly at
     # a shard boundary: every file once per epoch over all ranks. shuffle_after_epoch permutes
@@ -97,6 +114,51 @@ def _reader(files: list[str], labels: list[int], shard_id: int, num_shards: int,
         stick_to_shard=not shuffle,
         name=READER,
     )
+
+
+def _webdataset(tars: list[str], indexes: list[str], shard_id: int, num_shards: int, shuffle: bool, reader_seed: int):
+    # DALI shards the samples of all tars, in pack order, by count (the index files give the
+    # counts); pad_last_batch and PARTIAL end every epoch at a shard boundary, as for files.
+    # Training reshuffles the order of the tars after each epoch, with the same seed on every
+    # rank (so the ranks' parts stay disjoint), and shuffles samples in a buffer: the pack
+    # interleaves the classes, so the buffer need not span classes (NVIDIA/DALI#5429).
+    jpegs, cls = fn.readers.webdataset(
+        paths=tars,
+        index_paths=indexes,
+        ext=["jpg;jpeg;png", LABEL_EXT],
+        missing_component_behavior="error",
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=True,
+        random_shuffle=shuffle,
+        **({"shuffle_after_epoch": True, "shuffle_after_epoch_seed": reader_seed % 2**31} if shuffle else {}),
+        stick_to_shard=not shuffle,
+        name=READER,
+    )
+    return jpegs, _ascii_int(cls)
+
+
+def _ascii_int(digits, width: int = 9):
+    """A label stored as ASCII digits (a `.cls` member), as an int32, in graph arithmetic (Horner's rule)."""
+    n = fn.cast(digits.shape()[0], dtype=types.INT32)
+    d = fn.cast(fn.pad(digits, fill_value=ord("0"), shape=[width]), dtype=types.INT32) - ord("0")
+    value = d[0]
+    for i in range(1, width):
+        value = value + (n > i) * (value * 9 + d[i])  # 10 * value + digit while digits remain
+    return fn.cast(value, dtype=types.INT32)
+
+
+def _listed_samples(samples: tuple[Sample, ...]):
+    """Samples read from their shards in the order listed, one epoch (`_CutEpochs` over a pack)."""
+    reader = SampleReader()
+
+    def read(info):
+        if info.idx_in_epoch >= len(samples):
+            raise StopIteration
+        s = samples[info.idx_in_epoch]
+        return np.frombuffer(reader.read(s), dtype=np.uint8), np.array(s.label, dtype=np.int32)
+
+    return fn.external_source(source=read, num_outputs=2, batch=False, dtype=[types.UINT8, types.INT32])
 
 
 def _mixed_decoder(cfg: DataConfig) -> dict:
@@ -182,6 +244,9 @@ def train_pipeline(
     debug: bool = False,
     fused: bool = False,
     shuffle: bool = True,
+    shards: tuple[list[str], list[str]] | None = None,
+    samples: tuple[Sample, ...] | None = None,
+    keys: bool = False,
 ):
     """Random-resized crop, flip, optional rotation and colour jitter, normalise.
 
@@ -194,7 +259,7 @@ def train_pipeline(
     """
     if fused and on_gpu:
         raise ValueError("the fused finish is a CPU kernel; the GPU graph uses DALI's operators")
-    jpegs, label = _reader(files, labels, shard_id, num_shards, shuffle, reader_seed)
+    jpegs, label = _reader(files, labels, shard_id, num_shards, shuffle, reader_seed, shards, samples)
     # ROI decoding: only the random crop window of each JPEG is decoded.
     # nvJPEG's default buffer padding (16 MB device, 8 MB host per thread) already holds these
     # photos; NVIDIA's ImageNet example pads 211/141 MB per thread, gigabytes at 16 threads.
@@ -217,6 +282,8 @@ def train_pipeline(
         label = label.gpu()
     if debug:
         return images, label, fn.peek_image_shape(jpegs), crops.shape(), draws[2]
+    if keys:  # train.record_samples: where each sample came from (a file's path; a shard, offset and key)
+        return images, label, fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
     return images, label
 
 
@@ -253,9 +320,10 @@ def val_pipeline(
     on_gpu: bool,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    shards: tuple[list[str], list[str]] | None = None,
 ):
     """Resize the shorter side to cfg.eval_resize, centre-crop image_size, normalise."""
-    jpegs, label = _reader(files, labels, shard_id, num_shards, False, 0)
+    jpegs, label = _reader(files, labels, shard_id, num_shards, False, 0, shards)
     # Fancy upsampling makes nvJPEG's chroma match libjpeg-turbo (and PIL), so evaluation on
     # the GPU agrees with the CPU and PyTorch paths.
     decoder = dict(_mixed_decoder(cfg), jpeg_fancy_upsampling=True) if on_gpu else dict(device="cpu")
@@ -328,9 +396,13 @@ class DaliLoader:
         split: Split,
         restored: bool = False,
         cut: _CutEpochs | None = None,
+        keys: bool = False,
     ):
         self.train, self.num_samples, self.placement, self.split = train, num_samples, placement, split
         self.epoch, self.skip = 0, 0
+        self._outputs = [*OUTPUTS, "keys"] if keys else OUTPUTS
+        self._keys: list[str] = []  # train.record_samples: the names of the samples handed out since set_epoch
+        self._yielded = 0
         self._mid_epoch = False
         self._restored = restored  # built from a saved state: the reader already stands where `skip` says
         self._cut = cut
@@ -340,8 +412,10 @@ class DaliLoader:
 
     def _make_iterator(self, pipeline) -> DALIGenericIterator:
         try:  # the iterator already runs the pipeline for its first batch
+            # A pack's cut epochs read listed samples through an external source, which ends the epoch itself.
+            reader = None if self._cut is not None and self.split.packed else READER
             return DALIGenericIterator(
-                pipeline, OUTPUTS, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
+                pipeline, self._outputs, reader_name=reader, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
             )
         except RuntimeError as exc:
             raise self._decode_error(exc) from None
@@ -354,6 +428,15 @@ class DaliLoader:
         `skip` batches first, which resumes the data order only approximately.
         """
         self.epoch, self.skip = epoch, skip
+        self._keys, self._yielded = [], 0
+
+    def trained(self) -> list[str]:
+        """Cut epochs: from the epoch's listed files; full epochs: from the reader's source_info of each sample."""
+        if self._cut is not None:
+            batch = self._cut.batch
+            files = self._cut.files(self.epoch)[self.skip * batch : (self.skip + self._yielded) * batch]
+            return [self.split.name(i) for i in files]
+        return list(self._keys)
 
     def resume_state(self) -> str | None:
         """DALI's checkpoint of reader position and random generators after the last batch handed out (training only).
@@ -384,6 +467,7 @@ class DaliLoader:
             batch = self._next()
             if batch is None:
                 raise RuntimeError(f"DALI's epoch ended after fewer than {self.steps} batches")
+            self._yielded += 1
             yield self._convert(batch)
         self._drain()
 
@@ -401,6 +485,7 @@ class DaliLoader:
                 continue
             if batch is None:
                 raise RuntimeError(f"DALI's epoch ended after fewer than {self.steps} batches")
+            self._yielded += 1
             yield self._convert(batch)
 
     def _next(self):
@@ -422,6 +507,8 @@ class DaliLoader:
         # The tensors are torch's own (OWN_THE_BATCH): keeping or dropping them is safe.
         out = batch[0]
         images, labels = out["images"], out["labels"].view(-1).long()
+        if "keys" in out:
+            self._keys += [self._name(bytes(row.numpy()).rstrip(b"\0").decode()) for row in out["keys"]]
         p = self.placement
         if p.channels_last:
             images = images.permute(0, 3, 1, 2)  # NHWC memory seen as a channels_last NCHW tensor
@@ -429,13 +516,19 @@ class DaliLoader:
             images = images.to(p.dtype)
         return images.to(p.device, non_blocking=True), labels.to(p.device, non_blocking=True)
 
+    def _name(self, source_info: str) -> str:
+        """Split.name from DALI's source_info: a file's path, or `<shard>:<offset>:<key>.<ext>` in a pack."""
+        if self.split.packed:
+            return source_info.rsplit(":", 1)[-1].split(".", 1)[0]
+        return Path(source_info).relative_to(self.split.root).as_posix()
+
     def _decode_error(self, exc: RuntimeError) -> DataError:
         # DALI's message is a traceback; the line after "encountered:" says what failed, and
         # names the file only for some errors: look for the likely culprits then.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         after = lines.index("encountered:") + 1 if "encountered:" in lines else 0
         detail = lines[after] if after < len(lines) else type(exc).__name__
-        bad = suspect_files(self.split.files)
+        bad = [] if self.split.packed else suspect_files(self.split.files)
         named = f"; files that look truncated or not images: {', '.join(map(str, bad))}" if bad else ""
         root = self.split.root.parent if self.split.root.name in ("train", "val") else self.split.root
         return DataError(
@@ -502,8 +595,13 @@ def build_dali_loader(
     resume_state: str | None = None,
     fused: bool | None = None,
     accum: int = 1,
+    keys: bool = False,
 ) -> DaliLoader:
     """The DALI loader for one split; placement.workers is DALI's thread count (0 counts as 1).
+
+    A packed split (split.members) is read from its shards by `fn.readers.webdataset`; the rest
+    of the graph is the same. keys=True also returns each sample's source_info, so that
+    `trained()` can name the samples handed out (train.record_samples).
 
     fused: end the CPU training graph with the one-pass kernel (None: wherever it applies and
     numba imports; False: DALI's operators, as the benchmark compares). Training yields the
@@ -516,8 +614,9 @@ def build_dali_loader(
     # Accelerate binds each process to its local GPU; device.index is that GPU.
     device_id = (p.device.index if p.device.index is not None else torch.cuda.current_device()) if on_gpu else None
     common = dict(
-        files=[str(f) for f in split.files],
-        labels=list(split.labels),
+        files=[] if split.packed else [str(f) for f in split.files],
+        labels=[] if split.packed else list(split.labels),
+        shards=_pack_shards(split) if split.packed else None,
         cfg=cfg,
         shard_id=p.rank,
         num_shards=p.world_size,
@@ -531,7 +630,13 @@ def build_dali_loader(
     )
     if not train:
         return _val_loader(common, split, p, seed)
-    return _train_loader(common, split, p, seed, max_steps, resume_state, fused, accum)
+    return _train_loader(common, split, p, seed, max_steps, resume_state, fused, accum, keys)
+
+
+def _pack_shards(split: Split) -> tuple[list[str], list[str]]:
+    """The tars of a packed split, in pack order, and their index files (named by `data pack` beside them)."""
+    tars = sorted({m.shard for m in split.members})
+    return [str(t) for t in tars], [str(t.with_suffix(".idx")) for t in tars]
 
 
 def _val_loader(common: dict, split: Split, p: Placement, seed: int) -> DaliLoader:
@@ -552,6 +657,7 @@ def _train_loader(
     resume_state: str | None,
     fused: bool | None,
     accum: int,
+    keys: bool = False,
 ) -> DaliLoader:
     n, batch_size = len(split), common["batch_size"]
     # Micro-batches of the epoch's full optimizer steps: with accumulation the last partial global batch
@@ -573,15 +679,28 @@ def _train_loader(
     pipe_seed = (seed * 1_000_003 + p.rank) % 2**31
     if steps < full_steps:
         cut = _CutEpochs(
-            _epoch_pipelines(common, seed, pipe_seed, fused), n, batch_size, p.rank, p.world_size, seed, steps, accum
+            _epoch_pipelines({**common, "members": split.members}, seed, pipe_seed, fused),
+            n,
+            batch_size,
+            p.rank,
+            p.world_size,
+            seed,
+            steps,
+            accum,
         )
         return DaliLoader(
             None, train=True, steps=steps, num_samples=steps * batch_size, placement=p, split=split, cut=cut
-        )
+        )  # a cut epoch's samples are known from its list: no keys from the pipeline
     # Checkpointing lets a resumed run continue the reader's permutations and the random
     # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
     pipe = train_pipeline(
-        **common, reader_seed=seed, seed=pipe_seed, fused=fused, enable_checkpointing=True, checkpoint=resume_state
+        **common,
+        reader_seed=seed,
+        seed=pipe_seed,
+        fused=fused,
+        keys=keys,
+        enable_checkpointing=True,
+        checkpoint=resume_state,
     )
     return DaliLoader(
         _built(pipe, split),
@@ -591,6 +710,7 @@ def _train_loader(
         placement=p,
         split=split,
         restored=resume_state is not None,
+        keys=keys,
     )
 
 
@@ -598,14 +718,18 @@ def _epoch_pipelines(common: dict, seed: int, pipe_seed: int, fused: bool) -> Ca
     """For `_CutEpochs`: a pipeline over just the given files, read in order, with the epoch's augmentation seed."""
 
     def epoch_pipeline(indices: list[int], epoch: int):
-        files = dict(
-            files=[common["files"][i] for i in indices],
-            labels=[common["labels"][i] for i in indices],
-            shard_id=0,
-            num_shards=1,
-        )
+        if common["shards"] is not None:  # a pack: the listed samples, read by offset
+            members = tuple(common["members"][i] for i in indices)
+            files = dict(files=[], labels=[], shards=None, samples=members, shard_id=0, num_shards=1)
+        else:
+            files = dict(
+                files=[common["files"][i] for i in indices],
+                labels=[common["labels"][i] for i in indices],
+                shard_id=0,
+                num_shards=1,
+            )
         return train_pipeline(
-            **{**common, **files},
+            **{**{k: v for k, v in common.items() if k != "members"}, **files},
             reader_seed=seed,
             seed=(pipe_seed * 1_000_003 + epoch) % 2**31,
             fused=fused,

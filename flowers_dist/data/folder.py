@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import DataError
+
+if TYPE_CHECKING:
+    from .shards import Sample
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -20,9 +24,21 @@ class Split:
     labels: tuple[int, ...]
     outside: tuple[Path, ...] = ()
     """Images directly in the split folder, outside every class folder: no label, so no loader reads them."""
+    members: tuple[Sample, ...] = ()
+    """A packed split (shards.split): sample i lies in a shard at members[i]; files[i] is then only its name."""
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.members)
+
+    def name(self, i: int) -> str:
+        """What identifies sample i in records: its key in a pack, else its path relative to the split folder."""
+        if self.members:
+            return self.members[i].key
+        return self.files[i].relative_to(self.root).as_posix()
 
 
 def list_classes(split_dir: Path) -> list[str]:

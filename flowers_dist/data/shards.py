@@ -13,8 +13,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import DataError
+from .folder import Split
 
 MANIFEST = "manifest.json"
 FORMAT = "flowers-dist-shards"
@@ -67,6 +69,8 @@ class Sample:
     offset: int
     size: int
     ext: str
+    source: str = ""
+    """The file it was packed from, relative to the packed data set's root (`train/daisy/x.jpg`)."""
 
 
 def is_packed(root: str | Path) -> bool:
@@ -174,6 +178,7 @@ def samples(packed: Packed, split: str) -> list[Sample]:
     with open(part.listing, newline="") as f:
         rows = list(csv.reader(f, delimiter="\t"))[1:]
     labels = {key: int(label) for key, label, _, _ in rows}
+    sources = {key: source for key, _, _, source in rows}
     out: list[Sample] = []
     for shard in part.shards:
         entries = read_index(shard.index)
@@ -184,7 +189,7 @@ def samples(packed: Packed, split: str) -> list[Sample]:
             if len(image) != 1 or key not in labels:
                 raise DataError(f"index {shard.index}: sample {key} is not one image with a label in {part.listing}")
             (ext, (offset, size)) = image[0]
-            out.append(Sample(key, labels[key], shard.tar, offset, size, ext))
+            out.append(Sample(key, labels[key], shard.tar, offset, size, ext, sources[key]))
     if len(out) != part.samples:
         raise DataError(f"packed split {split}: the indexes list {len(out)} samples, the manifest says {part.samples}")
     return out
@@ -198,3 +203,46 @@ def read_sample(sample: Sample) -> bytes:
     if len(data) != sample.size:
         raise DataError(f"shard {sample.shard} ends inside sample {sample.key} (truncated)")
     return data
+
+
+def split(packed: Packed, name: str) -> Split:
+    """A packed split as the loaders take it: its samples in the order a scan of the source folder lists them.
+
+    Class, then source path: the order of `folder.scan_split` over the files that were packed, so
+    `contract.train_shard` deals the same samples into the same global batches as from the folder.
+    The pack's own order (classes interleaved) is what DALI's sequential reader follows instead.
+    `files` holds names (`<split>/<key>.<ext>` under the root) for messages, not files on disk.
+    """
+    members = tuple(sorted(samples(packed, name), key=lambda s: (s.label, s.source)))
+    files = tuple(packed.root / name / f"{s.key}.{s.ext}" for s in members)
+    return Split(packed.root / name, packed.classes, files, tuple(s.label for s in members), members=members)
+
+
+def dali_files(part: PackedSplit) -> tuple[list[str], list[str]]:
+    """The shards and their indexes in pack order, as DALI's `fn.readers.webdataset` takes them."""
+    return [str(s.tar) for s in part.shards], [str(s.index) for s in part.shards]
+
+
+class SampleReader:
+    """Reads samples by offset, keeping each shard open: one per process (each DataLoader worker has its own copy)."""
+
+    def __init__(self) -> None:
+        self.handles: dict[Path, BinaryIO] = {}
+
+    def read(self, sample: Sample) -> bytes:
+        f = self.handles.get(sample.shard)
+        if f is None:
+            f = self.handles[sample.shard] = open(sample.shard, "rb")  # noqa: SIM115 (kept open on purpose)
+        f.seek(sample.offset)
+        data = f.read(sample.size)
+        if len(data) != sample.size:
+            raise DataError(f"shard {sample.shard} ends inside sample {sample.key} (truncated)")
+        return data
+
+    def __getstate__(self) -> dict:
+        return {"handles": {}}  # a worker opens its own: file offsets must not be shared between processes
+
+    def close(self) -> None:
+        for f in self.handles.values():
+            f.close()
+        self.handles.clear()

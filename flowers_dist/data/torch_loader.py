@@ -7,6 +7,7 @@ stream while the current one computes.
 
 from __future__ import annotations
 
+import io
 import logging
 import signal
 import warnings
@@ -21,6 +22,7 @@ from torchvision.transforms import v2
 from ..config import DataConfig
 from .contract import DeviceNormalizer, Placement, eval_shard, sample_seed, train_shard
 from .folder import Split
+from .shards import SampleReader
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +66,14 @@ def load_rgb(path, max_pixels: int = DataConfig.max_pixels) -> Image.Image:
 
 
 class ImageFiles(Dataset):
-    """Indexed by (file index, epoch) so augmentation is a pure function of seed, epoch and file."""
+    """Indexed by (file index, epoch) so augmentation is a pure function of seed, epoch and file.
+
+    A packed split's samples are read by offset from their shards (kept open, per worker) and
+    decoded from the bytes: the same pixels as from the file they were packed from."""
 
     def __init__(self, split: Split, transform: Callable, seed: int, max_pixels: int = DataConfig.max_pixels):
         self.split, self.transform, self.seed, self.max_pixels = split, transform, seed, max_pixels
+        self.reader = SampleReader()
 
     def __len__(self) -> int:
         return len(self.split)
@@ -76,7 +82,8 @@ class ImageFiles(Dataset):
         index, epoch = key
         path = self.split.files[index]
         try:
-            image = load_rgb(path, self.max_pixels)
+            source = io.BytesIO(self.reader.read(self.split.members[index])) if self.split.packed else path
+            image = load_rgb(source, self.max_pixels)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
             log.warning("skipping unreadable image %s: %s", path, exc)
             return None
@@ -137,6 +144,8 @@ class TorchLoader:
         image_size: int,
     ):
         self.batches = batches
+        self.names = dataset.split.name
+        self.yielded = 0  # micro-batches handed out since set_epoch
         self.normalize = normalize
         self.device = placement.device
         self.num_samples = sum(len(b) for b in batches.make(0))
@@ -154,9 +163,14 @@ class TorchLoader:
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.batches.epoch, self.batches.skip = epoch, skip
+        self.yielded = 0
 
     def resume_state(self) -> None:
         return None  # order and augmentation are pure functions of (seed, epoch, file); the loop knows the step
+
+    def trained(self) -> list[str]:
+        b = self.batches
+        return [self.names(i) for batch in b.make(b.epoch)[b.skip : b.skip + self.yielded] for i in batch]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -164,6 +178,7 @@ class TorchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.device.type != "cuda":
             for images, labels in self.loader:
+                self.yielded += 1
                 yield self.normalize(images, labels)
             return
         # Copy and normalise batch k+1 on a side stream while the model computes batch k.
@@ -173,12 +188,14 @@ class TorchLoader:
             with torch.cuda.stream(stream):
                 ready = self.normalize(images, labels)
             if pending is not None:
+                self.yielded += 1
                 yield pending
             torch.cuda.current_stream(self.device).wait_stream(stream)
             for t in ready:
                 t.record_stream(torch.cuda.current_stream(self.device))
             pending = ready
         if pending is not None:
+            self.yielded += 1
             yield pending
 
 

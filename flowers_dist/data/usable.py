@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DataConfig
-from . import default_workers
+from . import default_workers, shards
 from .check import CheckReport, check_splits, from_split, outside_probe
 from .folder import DataError, Split, scan_dataset
 
@@ -26,8 +26,16 @@ class Skipped:
     probed: int
     cache_file: str | None
     checked: bool = True
+    packed_from: str | None = None
+    """A packed data set: the folder it was packed from, whose check's verdicts these are (nothing probed now)."""
 
     def line(self) -> str:
+        if self.packed_from is not None:
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.by_kind.items()))
+            return (
+                f"data check: packed data set, checked when packed from {self.packed_from}: "
+                f"{self.count} file(s) left out" + (f" ({kinds})" if kinds else "")
+            )
         if not self.checked:
             outside = f"; {self.count} file(s) outside class folders skipped" if self.count else ""
             return (
@@ -52,6 +60,7 @@ class Skipped:
             "skipped_files": [{"path": p, "kind": k, "detail": d} for p, k, d in self.files[:50]],
             "check_seconds": self.seconds,
             "probed": self.probed,
+            **({"packed_from": self.packed_from} if self.packed_from is not None else {}),
         }
 
 
@@ -94,7 +103,13 @@ def _unchecked(*splits: Split, log_each: bool = True) -> Skipped:
 
 
 def usable_splits(cfg: DataConfig, progress: bool = False) -> tuple[Split, Split, Skipped]:
-    """Train and val holding only the files both loaders decode (or everything, with data.check=false)."""
+    """Train and val holding only the files both loaders decode (or everything, with data.check=false).
+
+    A packed data set holds only the files its source's check kept: its manifest's verdicts are the
+    record, nothing is probed, and the shards are checked for presence and size (not checksums:
+    `data pack`'s verify reads every byte, too slow for every start)."""
+    if shards.is_packed(cfg.root):
+        return packed_splits(cfg.root)
     train, val = scan_dataset(cfg.root)  # layout errors, as before
     if not cfg.check:
         return train, val, _unchecked(train, val)
@@ -109,10 +124,29 @@ def usable_splits(cfg: DataConfig, progress: bool = False) -> tuple[Split, Split
     return report.usable("train"), report.usable("val"), _skipped(report)
 
 
+def packed_splits(root: str | Path) -> tuple[Split, Split, Skipped]:
+    """A pack's train and val, and the data check's verdicts from when it was packed."""
+    packed = shards.load(root)
+    missing = [name for name in ("train", "val") if name not in packed.splits]
+    if missing:
+        raise DataError(f"packed data set {root} has no {' or '.join(missing)} split; pack again with `data pack`")
+    return shards.split(packed, "train"), shards.split(packed, "val"), pack_verdicts(packed)
+
+
+def pack_verdicts(packed: shards.Packed) -> Skipped:
+    check = packed.manifest.get("check", {})
+    files = tuple((v["path"], v["kind"], v.get("detail", "")) for v in check.get("skipped", []))
+    source = packed.manifest.get("source", {}).get("root", "?")
+    return Skipped(len(files), dict(check.get("skipped_by_kind", {})), files, 0.0, 0, None, packed_from=source)
+
+
 def usable_split(cfg: DataConfig, split: Split) -> tuple[Split, Skipped]:
     """One labelled folder (eval), checked the same way; no leakage check across splits.
 
-    Its skipped files are not logged: the caller lists them (each file said once)."""
+    Its skipped files are not logged: the caller lists them (each file said once). A packed split
+    was checked when packed: nothing is left out now."""
+    if split.packed:
+        return split, Skipped(0, {}, (), 0.0, 0, None, packed_from=str(split.root.parent))
     if not cfg.check:
         return split, _unchecked(split, log_each=False)
     # A data set's val/ shares the root's cache with training and `data check`; any other folder has its own.
