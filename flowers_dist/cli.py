@@ -56,7 +56,11 @@ def _add_train(sub) -> None:
 def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a labelled folder")
     ev.add_argument("checkpoint", type=Path)
-    ev.add_argument("--data", required=True, help="data-set root (its val/ is used) or a folder of class folders")
+    ev.add_argument(
+        "--data",
+        required=True,
+        help="data-set root (its val/ is used), a packed folder (`data pack`; its val shards) or a folder of class folders",
+    )
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--workers", type=int, default=-1, help="decode workers per process (-1 = cores per process)")
     ev.add_argument("--device", choices=["auto", "cpu"], default="auto")

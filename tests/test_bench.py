@@ -59,9 +59,14 @@ def test_counted_flops_of_a_conv_and_a_linear_layer_match_a_count_by_hand():
     assert count_flops(model, images, labels) == 2 * conv + 3 * linear
 
 
-def test_loader_mode_measures_both_loaders_and_the_decode_ceilings(tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["folder", "pack"])
+def test_loader_mode_measures_both_loaders_and_the_decode_ceilings(tmp_path, capsys, layout):
     out = tmp_path / "loader.json"
-    assert main(["bench", "loader", *TINY_BENCH, "--repeats", "1", "--out", str(out)]) == 0
+    root = []
+    if layout == "pack":  # the same photos as WebDataset shards: every setting reads them from the pack
+        assert main(["data", "pack", "data/flowers_sample", str(tmp_path / "pack"), "--shard-size", "1"]) == 0
+        root = [f"data.root={tmp_path / 'pack'}"]
+    assert main(["bench", "loader", *TINY_BENCH, *root, "--repeats", "1", "--out", str(out)]) == 0
     results = _read(out)
     rows = {r["setting"]: r["images_per_s"] for r in results["rows"]}
     # The quickstart rotates and jitters colours: the DALI graph with DALI's own operators runs as well.

@@ -15,6 +15,7 @@ cache) before the timed ones.
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import torch
 from ..config import Config, DataConfig
 from ..data import Placement, build_loader
 from ..data.folder import Split
+from ..data.shards import read_sample
 from ..data.usable import usable_splits
 from ..steps import sync
 from .common import spread
@@ -71,23 +73,26 @@ def _epochs_of(run_epoch: Callable[[], int], epochs: int) -> list[float]:
 def pil_decode_rates(split: Split, threads: int, epochs: int) -> list[float]:
     from PIL import Image
 
-    def decode(path) -> None:
-        with Image.open(path) as img:
+    def decode(i: int) -> None:
+        # A pack's sample is read by offset from its shard (opened per read: threads must not share a file offset).
+        source = io.BytesIO(read_sample(split.members[i])) if split.packed else split.files[i]
+        with Image.open(source) as img:
             img.convert("RGB")
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        return _epochs_of(lambda: sum(1 for _ in pool.map(decode, split.files)), epochs)
+        return _epochs_of(lambda: sum(1 for _ in pool.map(decode, range(len(split)))), epochs)
 
 
 def dali_decode_rates(split: Split, batch: int, threads: int, device: torch.device, epochs: int) -> list[float]:
     from nvidia.dali import fn, pipeline_def, types
 
+    from ..data.dali import encoded_in_order
+
     on_gpu = device.type == "cuda"
 
     @pipeline_def
     def decode_only():
-        jpegs, _ = fn.readers.file(files=[str(f) for f in split.files], name="Reader")
-        return fn.decoders.image(jpegs, output_type=types.RGB, device="mixed" if on_gpu else "cpu")
+        return fn.decoders.image(encoded_in_order(split), output_type=types.RGB, device="mixed" if on_gpu else "cpu")
 
     pipe = decode_only(batch_size=batch, num_threads=max(1, threads), device_id=(device.index or 0) if on_gpu else None)
     pipe.build()

@@ -116,6 +116,19 @@ def _reader(
     )
 
 
+def encoded_in_order(split: Split):
+    """The encoded images of a split, read once in order on one process: the reader of decode-only ceilings.
+
+    For use inside a pipeline definition; a pack is read from its shards by DALI's own reader.
+    """
+    if split.packed:
+        tars = list(dict.fromkeys(str(s.shard) for s in split.members))
+        jpegs, _ = _webdataset(tars, [str(Path(t).with_suffix(".idx")) for t in tars], 0, 1, False, 0)
+        return jpegs
+    jpegs, _ = fn.readers.file(files=[str(f) for f in split.files], name=READER)
+    return jpegs
+
+
 def _webdataset(tars: list[str], indexes: list[str], shard_id: int, num_shards: int, shuffle: bool, reader_seed: int):
     # DALI shards the samples of all tars, in pack order, by count (the index files give the
     # counts); pad_last_batch and PARTIAL end every epoch at a shard boundary, as for files.
