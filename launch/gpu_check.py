@@ -436,14 +436,8 @@ def end_to_end(data_root: Path, out: Path, batch: int, plan: Plan) -> dict:
     from flowers_dist.train import train
 
     log_every = plan.e2e_log_every(batch)
-    precision = '"no"' if plan.dry else "bf16"  # quoted: YAML reads a bare no as false
     overrides = [
-        f"data.root={data_root}",
-        "data.loader=dali",
-        f"data.image_size={plan.image_size}",
-        "model.pretrained=none",
-        "model.channels_last=true",
-        f"train.mixed_precision={precision}",
+        *_recipe_overrides(data_root, plan),
         f"train.global_batch_size={batch}",
         f"train.eval_batch_size={max(batch, 64)}",
         f"train.epochs={plan.e2e_epochs}",
@@ -452,12 +446,7 @@ def end_to_end(data_root: Path, out: Path, batch: int, plan: Plan) -> dict:
         f"train.output_dir={out}",
         f"train.name=e2e-{batch}",
         "tracking.wandb=disabled",
-        # The train split repeats the val photos through links: the data check would rightly drop the
-        # repeats as duplicates and leakage. These are known-good photos; its own cost is not under test here.
-        "data.check=false",
     ]
-    if plan.dry:
-        overrides += ["train.device=cpu", "data.num_workers=2"]
     cfg = config_module.load(REPO / "configs" / "flowers_resnet18.yaml", overrides)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -480,17 +469,29 @@ def end_to_end(data_root: Path, out: Path, batch: int, plan: Plan) -> dict:
     }
 
 
-def startup(data_root: Path, out: Path, plan: Plan) -> list[float]:
-    from flowers_dist.bench.startup import first_step_seconds
-
-    overrides = [
+def _recipe_overrides(data_root: Path, plan: Plan) -> list[str]:
+    """The recipe as the end-to-end and start-up checks run it: DALI, channels_last, bf16 on the GPU (fp32 dry)."""
+    return [
         f"data.root={data_root}",
         "data.loader=dali",
         f"data.image_size={plan.image_size}",
         "model.pretrained=none",
         "model.channels_last=true",
+        # The train split repeats the val photos through links: the data check would rightly drop the
+        # repeats as duplicates and leakage. These are known-good photos; its own cost is not under test here.
         "data.check=false",
-    ] + (["train.device=cpu", "data.num_workers=2"] if plan.dry else ["train.mixed_precision=bf16"])
+        *(
+            ["train.mixed_precision=no", "train.device=cpu", "data.num_workers=2"]
+            if plan.dry
+            else ["train.mixed_precision=bf16"]
+        ),
+    ]
+
+
+def startup(data_root: Path, out: Path, plan: Plan) -> list[float]:
+    from flowers_dist.bench.startup import first_step_seconds
+
+    overrides = _recipe_overrides(data_root, plan)
     return [
         first_step_seconds(REPO / "configs" / "flowers_resnet18.yaml", overrides, out / f"startup-{i}")
         for i in range(2)

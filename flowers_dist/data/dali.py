@@ -679,15 +679,7 @@ def _train_loader(
     steps = min(full_steps, max_steps) if max_steps else full_steps
     if steps == 0:
         raise DataError(f"{split.root}: {n} images do not fill one global batch of {batch_size * p.world_size * accum}")
-    on_gpu = common["on_gpu"]
-    auto_fused, why = use_fused_finish(common["cfg"], on_gpu)
-    fused = auto_fused if fused is None else fused
-    if p.rank == 0:
-        log.info(
-            "DALI training graph on the %s: %s",
-            "GPU" if on_gpu else "CPU",
-            why if fused == auto_fused else f"fused={fused} as asked",
-        )
+    fused = _chosen_finish(common["cfg"], common["on_gpu"], fused, log_it=p.rank == 0)
     # The augmentation seed differs per rank; the reader's seed is the same on all.
     pipe_seed = (seed * 1_000_003 + p.rank) % 2**31
     if steps < full_steps:
@@ -725,6 +717,19 @@ def _train_loader(
         restored=resume_state is not None,
         keys=keys,
     )
+
+
+def _chosen_finish(cfg: DataConfig, on_gpu: bool, fused: bool | None, log_it: bool) -> bool:
+    """Whether the training graph ends with the fused kernel: as asked, or where it applies (use_fused_finish)."""
+    auto_fused, why = use_fused_finish(cfg, on_gpu)
+    chosen = auto_fused if fused is None else fused
+    if log_it:
+        log.info(
+            "DALI training graph on the %s: %s",
+            "GPU" if on_gpu else "CPU",
+            why if chosen == auto_fused else f"fused={chosen} as asked",
+        )
+    return chosen
 
 
 def _epoch_pipelines(common: dict, seed: int, pipe_seed: int, fused: bool) -> Callable[[list[int], int], object]:
