@@ -49,6 +49,9 @@ class DataConfig:
     false = trust the folder (the PyTorch loader still skips unreadable files, DALI stops on one)."""
     check_cache: str = ""
     """File caching the check by path, size and mtime; empty = in the data root if writable, else ~/.cache/flowers-dist."""
+    stage_to: str = ""
+    """Node-local folder (e.g. $SLURM_TMPDIR, a local NVMe) to copy a packed data.root to once per node, verified,
+    and train from; environment variables are expanded; a requeue on the node reuses the copy; empty = off."""
     max_pixels: int = 64_000_000
     """Images with more pixels are skipped (a decompression-bomb guard); at most PIL's hard limit, 178,956,970."""
     min_side: int = 16

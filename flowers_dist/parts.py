@@ -9,17 +9,19 @@ placement and precision as the run has them) and the loaders. `train` adds what 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from . import sync_bn
-from .config import Config, ConfigError, TrainConfig
-from .data import BatchLoader, Split, build_loader
+from .config import Config, ConfigError, DataConfig, TrainConfig
+from .data import BatchLoader, Split, build_loader, stage
 from .data.usable import Skipped, shared, usable_splits
 from .distributed import make_accelerator, placement
+from .errors import DataError
 from .model import build_model
 from .steps import build_optimizer, evaluation_model
 
@@ -50,9 +52,48 @@ class CheckedData:
         return list(self.train.classes)
 
 
+STAGE_POLL_S = 2.0
+"""How often the processes compare notes while a node copies its pack (a short collective each time)."""
+
+
+def staged_data(cfg: DataConfig, accelerator: Accelerator) -> DataConfig:
+    """The data section with data.root on node-local disk when data.stage_to is set; unchanged otherwise.
+
+    The local main process of each node copies (or reuses) the pack in a thread while every process
+    takes part in a short collective every STAGE_POLL_S: one long wait for a big copy would trip
+    train.collective_timeout. Every process then learns every node's outcome, so a failure on any
+    node (no room, a corrupted shard) is raised on every rank before any of them reads data.
+    """
+    if not cfg.stage_to:
+        return cfg
+    work = stage.stage if accelerator.is_local_main_process else stage.destination  # the name the copier uses
+    with ThreadPoolExecutor(1, thread_name_prefix="stage") as pool:
+        job = pool.submit(work, cfg.root, cfg.stage_to)
+        while not all(gather_object([job.done()])):
+            wait([job], timeout=STAGE_POLL_S)
+        try:
+            outcome = job.result()
+        except Exception as exc:  # sent to every rank below, then raised everywhere
+            outcome = exc
+    if isinstance(outcome, Exception) and not isinstance(outcome, DataError):  # a bug: its text travels
+        sent = RuntimeError(f"data.stage_to failed on process {accelerator.process_index}: {outcome!r}")
+    else:
+        sent = outcome
+    for other in gather_object([sent]):
+        if isinstance(other, Exception):
+            raise outcome if isinstance(outcome, Exception) else other  # a rank's own error first
+    if isinstance(outcome, stage.Staged):
+        print(outcome.line(), flush=True)  # once per node: each node says where its copy is
+        return replace(cfg, root=str(outcome.root))
+    return replace(cfg, root=str(outcome))
+
+
 def checked_data(cfg: Config, accelerator: Accelerator) -> CheckedData:
-    """One process checks the files (cached by path, size and mtime); the others get its verdict."""
-    train, val, skipped = shared(lambda: usable_splits(cfg.data), accelerator.is_main_process, broadcast_object_list)
+    """One process checks the files (cached by path, size and mtime); the others get its verdict.
+
+    With data.stage_to, every node first stages the pack and every process reads the staged copy."""
+    data_cfg = staged_data(cfg.data, accelerator)
+    train, val, skipped = shared(lambda: usable_splits(data_cfg), accelerator.is_main_process, broadcast_object_list)
     if len(train) < cfg.train.global_batch_size:
         raise ConfigError(
             f"config key 'train.global_batch_size': {cfg.train.global_batch_size} is more than the "

@@ -20,11 +20,12 @@ from .errors import ConfigError
 
 # Keys that leave the weights alone: where things go and how they are shown, evaluation's batching
 # (its counts are exact at any batch), the decode workers and decoder share, the data folder's path
-# (the classes are checked against the checkpoint's), memory layout and torch.compile (the same
+# and where it is staged (the classes are checked against the checkpoint's), memory layout and torch.compile (the same
 # function, computed another way), the initial weights (the checkpoint's replace them), and when
 # checkpoints are written and failures detected.
 HARMLESS = {
     "data.root",
+    "data.stage_to",
     "data.num_workers",
     "data.hw_decoder_load",
     "model.compile",
