@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epochs", type=int, default=1, help="loader: timed epochs per repeat, after one warm-up epoch"
     )
+    parser.add_argument(
+        "--temperature",
+        choices=["warm", "cold", "both"],
+        default="warm",
+        help="loader: warm = page cache; cold = each file evicted before every timed epoch (checked with mincore)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="step/train/scaling: untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="step: steps per repeat; train/scaling: timed steps")
     parser.add_argument(
@@ -66,21 +72,10 @@ def _device(cfg: Config) -> torch.device:
 
 
 def _loader_report(results: dict[str, Any]) -> str:
-    """Images/s per loader setting, and the DALI / PyTorch ratio."""
-    from .common import table
+    """Images/s per loader setting and temperature, and the DALI / PyTorch ratio."""
+    from .loader import report
 
-    rows = [
-        {"setting": r["setting"], **{k: r["images_per_s"][k] for k in ("median", "min", "max")}}
-        for r in results["rows"]
-    ]
-    text = table(
-        rows,
-        [("setting", "setting", "s"), ("median", "img/s", ".0f"), ("min", "min", ".0f"), ("max", "max", ".0f")],
-    )
-    text += f"\nDALI / PyTorch = {results['ratio_dali_over_torch']:.2f}x"
-    if results.get("fused_finish_speedup"):
-        text += f"; DALI with the fused CPU finish / with DALI's rotate and colour operators = {results['fused_finish_speedup']:.2f}x"
-    return text
+    return report(results)
 
 
 def _step_report(results: dict[str, Any]) -> str:
@@ -177,7 +172,7 @@ def _bench_loader(args: argparse.Namespace, cfg: Config, device: torch.device) -
     from .loader import bench_loader
 
     workers = default_workers(1) if cfg.data.num_workers < 0 else cfg.data.num_workers
-    return bench_loader(cfg, device, workers, args.repeats, args.epochs)
+    return bench_loader(cfg, device, workers, args.repeats, args.epochs, args.temperature)
 
 
 def _bench_step(args: argparse.Namespace, cfg: Config, device: torch.device) -> dict[str, Any]:

@@ -146,6 +146,9 @@ def _webdataset(tars: list[str], indexes: list[str], shard_id: int, num_shards: 
         random_shuffle=shuffle,
         **({"shuffle_after_epoch": True, "shuffle_after_epoch_seed": reader_seed % 2**31} if shuffle else {}),
         stick_to_shard=not shuffle,
+        # Plain reads, not a mapping held for the pipeline's life: mapped pages cannot be evicted
+        # (a cold `bench loader` would read warm), and DALI advises against mmap on network file systems.
+        dont_use_mmap=True,
         name=READER,
     )
     return jpegs, _ascii_int(cls)
