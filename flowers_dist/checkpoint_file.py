@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .durable import fsync_dir
 from .errors import CheckpointError, DiskError
 
 FORMAT = 1
@@ -36,14 +37,6 @@ def encode(state: dict[str, Any]) -> bytes:
     payload = buffer.getvalue()
     header = MAGIC + f"sha256={hashlib.sha256(payload).hexdigest()} bytes={len(payload)}\n".encode()
     return header + payload
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # makes renames and links in this folder durable
-    finally:
-        os.close(dir_fd)
 
 
 def atomic_save(obj: Any, path: str | Path, *more_paths: str | Path) -> None:
@@ -71,7 +64,7 @@ def atomic_save(obj: Any, path: str | Path, *more_paths: str | Path) -> None:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         for link in links.values():
             link.unlink(missing_ok=True)

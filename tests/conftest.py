@@ -98,6 +98,21 @@ def local_server(handler) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+@contextlib.contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` (e.g. "2m") at `mount` for the block (root only; the test skips where mount fails)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The run's record as every reader in the package reads it: whole lines only (a running writer's last line waits)."""
     return metrics_log.read(metrics_log.path_of(run_dir))

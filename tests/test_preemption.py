@@ -22,6 +22,7 @@ from conftest import (
     inside_epoch,
     last_checkpoint,
     metrics,
+    mounted_tmpfs,
     position,
 )
 from procs import alive, disposition, kill, launch, stopped_at, wait_for, workers
@@ -293,17 +294,8 @@ MIB = 1024 * 1024
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A real tmpfs of a few MiB (root only), too small for a test_resnet checkpoint (3 MB with momentum)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.mark.e2e

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -14,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from accelerate.state import AcceleratorState
-from conftest import REPO, SAMPLE, TINY, cli, metrics
+from conftest import REPO, SAMPLE, TINY, cli, metrics, mounted_tmpfs
 
 from flowers_dist import parts
 from flowers_dist.config import Config
@@ -130,17 +129,8 @@ def test_no_room_is_one_line_before_anything_is_copied(packed, tmp_path, monkeyp
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A real 1 MiB tmpfs (root only): smaller than the 2 MB pack."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_a_real_disk_too_small_is_refused_before_copying(packed, tiny_tmpfs):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import DataConfig
+from ..durable import fsync_dir
 from ..errors import DataError
 from .folder import Split
 from .shards import FORMAT, INDEX_VERSION, LABEL_EXT, LISTING, MANIFEST, VERSION, load, read_manifest
@@ -423,18 +424,10 @@ def _write_pack(
         },
     }
     for folder in (out / split for split in SPLITS):
-        _fsync_dir(folder)  # the shards' renames reach the disk before the manifest's can
+        fsync_dir(folder)  # the shards' renames reach the disk before the manifest's can
     _write_atomically(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
-    _fsync_dir(out)
+    fsync_dir(out)
     return manifest
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..durable import fsync_dir
 from ..errors import DataError
 from . import shards
 
@@ -122,14 +123,6 @@ def _copy_verified(src: Path, dst: Path, size: int, sha256: str, rel: str, pack_
         )
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _locked(dest: Path) -> Iterator[None]:
     """One copier per destination on a node, also across jobs (two jobs sharing /tmp)."""
@@ -178,14 +171,14 @@ def _copy(pack_root: Path, dest: Path, manifest: dict, source_manifest: bytes) -
         for rel, size, sha256 in files(manifest):
             _copy_verified(pack_root / rel, dest / rel, size, sha256, rel, pack_root)
         for folder in {(dest / rel).parent for rel, _, _ in files(manifest)}:
-            _fsync_dir(folder)  # the files' names reach the disk before the manifest's can
+            fsync_dir(folder)  # the files' names reach the disk before the manifest's can
         tmp = dest / (shards.MANIFEST + TMP)
         with open(tmp, "wb") as f:
             f.write(source_manifest)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest / shards.MANIFEST)
-        _fsync_dir(dest)
+        fsync_dir(dest)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)  # a failed copy frees the node's disk
         raise
