@@ -23,6 +23,7 @@ from .data.usable import Skipped, shared, usable_splits
 from .distributed import make_accelerator, placement
 from .errors import DataError
 from .model import build_model
+from .schedule import lr_at_step
 from .steps import build_optimizer, evaluation_model
 
 
@@ -120,6 +121,18 @@ def batch_layout(cfg: TrainConfig, world: int, num_train: int) -> BatchLayout:
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     return BatchLayout(cfg.global_batch_size, world, micro, accum, steps)
+
+
+def learning_rate(cfg: Config, layout: BatchLayout, epoch: int, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `epoch`: the run's schedule on its batch layout."""
+    return lr_at_step(
+        cfg.optim,
+        epoch,
+        step,
+        layout.steps_per_epoch,
+        total_epochs=cfg.train.epochs,
+        global_batch_size=layout.global_batch,
+    )
 
 
 @dataclass

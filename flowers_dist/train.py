@@ -31,10 +31,9 @@ from .distributed import num_nodes
 from .environment import environment
 from .errors import DiskError, HungError, PreemptedError
 from .evaluate import EvalResult, local_counts
-from .parts import CheckedData, Parts, batch_layout, build_parts, checked_data, run_accelerator
+from .parts import CheckedData, Parts, batch_layout, build_parts, checked_data, learning_rate, run_accelerator
 from .preemption import StopSignals
 from .recorder import Recorder
-from .schedule import lr_at_step
 from .steps import CORRECT, COUNT, LOSS_SUM, THIS_ATTEMPT, LoaderClock, optimizer_step, sync, weights_digest
 from .tracking import resolve_mode
 from .watchdog import Watchdog
@@ -253,14 +252,7 @@ class Trainer:
 
     def lr(self, epoch: int, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based) of `epoch`."""
-        return lr_at_step(
-            self.cfg.optim,
-            epoch,
-            step,
-            self.layout.steps_per_epoch,
-            total_epochs=self.cfg.train.epochs,
-            global_batch_size=self.layout.global_batch,
-        )
+        return learning_rate(self.cfg, self.layout, epoch, step)
 
     def fit(self) -> None:
         """Every epoch from where the run stands; a stop the ranks agreed on ends it with EXIT_PREEMPTED."""

@@ -24,8 +24,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from ..config import Config
 from ..distributed import num_nodes
-from ..parts import Parts, batch_layout, build_parts, checked_data, run_accelerator
-from ..schedule import lr_at_step
+from ..parts import Parts, batch_layout, build_parts, checked_data, learning_rate, run_accelerator
 from ..steps import LoaderClock, endless, one_batch_step, optimizer_step, sync
 from .advice import advice, cpu_bf16_flags, measure_bf16_speedup
 from .common import spread
@@ -81,9 +80,7 @@ def bench_train(cfg: Config, warmup: int, steps: int) -> tuple[dict[str, Any] | 
         print(data.skipped.line(), flush=True)
     parts = build_parts(cfg, accelerator, data, batch_layout(cfg.train, accelerator.num_processes, len(data.train)))
     layout = parts.layout
-    lr = lr_at_step(
-        cfg.optim, 0, 0, layout.steps_per_epoch, total_epochs=cfg.train.epochs, global_batch_size=layout.global_batch
-    )
+    lr = learning_rate(cfg, layout, 0, 0)  # the run's first step's
     batches = endless(parts.train_loader)
     parts.model.train()
     _timed_steps(parts, accelerator, batches, lr, warmup)

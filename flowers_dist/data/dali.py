@@ -122,8 +122,7 @@ def encoded_in_order(split: Split):
     For use inside a pipeline definition; a pack is read from its shards by DALI's own reader.
     """
     if split.packed:
-        tars = list(dict.fromkeys(str(s.shard) for s in split.members))
-        jpegs, _ = _webdataset(tars, [str(Path(t).with_suffix(".idx")) for t in tars], 0, 1, False, 0)
+        jpegs, _ = _webdataset(*_pack_shards(split), 0, 1, False, 0)
         return jpegs
     jpegs, _ = fn.readers.file(files=[str(f) for f in split.files], name=READER)
     return jpegs

@@ -218,11 +218,6 @@ def split(packed: Packed, name: str) -> Split:
     return Split(packed.root / name, packed.classes, files, tuple(s.label for s in members), members=members)
 
 
-def dali_files(part: PackedSplit) -> tuple[list[str], list[str]]:
-    """The shards and their indexes in pack order, as DALI's `fn.readers.webdataset` takes them."""
-    return [str(s.tar) for s in part.shards], [str(s.index) for s in part.shards]
-
-
 class SampleReader:
     """Reads samples by offset, keeping each shard open: one per process (each DataLoader worker has its own copy)."""
 

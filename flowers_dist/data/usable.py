@@ -30,8 +30,8 @@ class Skipped:
     """A packed data set: the folder it was packed from, whose check's verdicts these are (nothing probed now)."""
 
     def line(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.by_kind.items()))
         if self.packed_from is not None:
-            kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.by_kind.items()))
             return (
                 f"data check: packed data set, checked when packed from {self.packed_from}: "
                 f"{self.count} file(s) left out" + (f" ({kinds})" if kinds else "")
@@ -42,7 +42,6 @@ class Skipped:
                 "data check: off (data.check=false); the PyTorch loader skips unreadable files, DALI stops on one"
                 + outside
             )
-        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.by_kind.items()))
         where = f"; cache {self.cache_file}" if self.cache_file else "; cache not writable"
         return (
             f"data check: {self.count} file(s) skipped"
