@@ -335,7 +335,7 @@ class Trainer:
         """Every rank: gather the per-rank parts (a collective), then the main process writes in the background."""
         rank_sums = gather_object([sums[: COUNT + 1].tolist()])
         loader_states = gather_object([self.parts.train_loader.resume_state()])
-        self.progress.elapsed = time.perf_counter() - self.rec.started
+        self.progress.elapsed = self.rec.elapsed()
         progress = Progress(position, self.progress.best, self.progress.elapsed)
         state = self.ckpt.state(
             model=self.bare,
@@ -387,7 +387,7 @@ class Trainer:
         is_best = val.accuracy > best["val_acc"]
         if is_best:
             best.update(val_acc=val.accuracy, epoch=epoch)
-        elapsed = time.perf_counter() - self.rec.started
+        elapsed = self.rec.elapsed()
         if best["time_to_target"] is None and val.accuracy >= cfg.tracking.target_accuracy:
             best["time_to_target"] = elapsed
         seen = float(totals[COUNT])
@@ -450,7 +450,7 @@ class Trainer:
                 {
                     "best_val_acc": best["val_acc"],
                     "best_epoch": best["epoch"],
-                    "total_time": time.perf_counter() - self.rec.started,
+                    "total_time": self.rec.elapsed(),
                     "target_accuracy": self.cfg.tracking.target_accuracy,
                     "time_to_target": best["time_to_target"],
                     "weights_digest_per_rank": digests,
