@@ -19,6 +19,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from . import sync_bn
 from .config import Config, ConfigError, DataConfig, TrainConfig
 from .data import BatchLoader, Split, build_loader, stage
+from .data.contract import ReaderState
 from .data.usable import Skipped, shared, usable_splits
 from .distributed import make_accelerator, placement
 from .errors import DataError
@@ -188,7 +189,11 @@ def build_parts(
 
 
 def build_loaders(
-    cfg: Config, accelerator: Accelerator, data: CheckedData, layout: BatchLayout, resume_state: str | None = None
+    cfg: Config,
+    accelerator: Accelerator,
+    data: CheckedData,
+    layout: BatchLayout,
+    resume_state: ReaderState | str | None = None,
 ) -> tuple[BatchLoader, BatchLoader]:
     place = placement(accelerator, channels_last=cfg.model.channels_last, workers=cfg.data.num_workers)
     micro_batches = layout.steps_per_epoch * layout.accum
@@ -202,7 +207,6 @@ def build_loaders(
         max_steps=micro_batches,
         resume_state=resume_state,
         accum=layout.accum,
-        record=cfg.train.record_samples,
     )
     if len(train_loader) != micro_batches:  # the loaders' contract with the loop; a bug if it breaks
         raise RuntimeError(

@@ -1,16 +1,20 @@
 """Both loaders on a packed data set (`data pack`): the same batches as the folder, coverage, records and resumes."""
 
+import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE, TINY, cli
+from conftest import SAMPLE, TINY, cli, last_checkpoint
 
+from flowers_dist import checkpoint_file
 from flowers_dist.checkpointing import CheckpointManager, Position, world_change_note
 from flowers_dist.config import DataConfig, TrainConfig
 from flowers_dist.data import Placement, build_loader, scan_dataset, shards
 from flowers_dist.data.audit import read_samples, write_samples
+from flowers_dist.data.contract import carried_state, rest_of_epoch
 from flowers_dist.data.pack import pack
 from flowers_dist.data.usable import usable_splits
 
@@ -41,7 +45,7 @@ def _global_steps(split, kind: str, world: int, epoch: int, micro: int, accum: i
     for r in range(world):
         loader = build_loader(
             cfg, split, train=True, batch_size=micro, placement=_cpu(r, world), seed=3, accum=accum,
-            max_steps=max_steps, record=True,
+            max_steps=max_steps,
         )  # fmt: skip
         loader.set_epoch(epoch)
         labels = [lab.tolist() for _, lab in loader]
@@ -84,15 +88,15 @@ def test_a_mid_epoch_resume_on_another_world_size_trains_exactly_the_rest(packed
     cfg = DataConfig(image_size=16, loader="torch", num_workers=0)
     stopped = []
     for r in range(2):
-        loader = build_loader(cfg, train, train=True, batch_size=4, placement=_cpu(r, 2), seed=5, record=True)
+        loader = build_loader(cfg, train, train=True, batch_size=4, placement=_cpu(r, 2), seed=5)
         loader.set_epoch(1)
         for _, (_, _) in zip(range(2), loader):
             pass
         stopped += loader.trained()
-    resumed = build_loader(cfg, train, train=True, batch_size=8, placement=_cpu(0, 1), seed=5, record=True)
+    resumed = build_loader(cfg, train, train=True, batch_size=8, placement=_cpu(0, 1), seed=5)
     resumed.set_epoch(1, skip=2)
     list(resumed)
-    whole = build_loader(cfg, train, train=True, batch_size=8, placement=_cpu(0, 1), seed=5, record=True)
+    whole = build_loader(cfg, train, train=True, batch_size=8, placement=_cpu(0, 1), seed=5)
     whole.set_epoch(1)
     list(whole)
     assert len(stopped) == 16 and sorted(stopped + resumed.trained()) == sorted(whole.trained())
@@ -125,22 +129,113 @@ def _state(world: int, loader_states: list, step: int) -> dict:
     }
 
 
+_R0, _R1 = {"reader": "dali-r0", "trained": ["a", "b"]}, {"reader": "dali-r1", "trained": ["c"]}
+
+
 @pytest.mark.parametrize(
-    "saved_world,states,step,noted",
+    "saved_world,states,step,carried,note",
     [
-        (2, ["dali-r0", "dali-r1"], 6, True),  # DALI mid-epoch onto 1 process: said
-        (2, [None, None], 6, False),  # the PyTorch loader: exact anywhere
-        (2, ["dali-r0", "dali-r1"], 0, False),  # an epoch boundary: nothing to repeat or skip
-        (1, ["dali-r0"], 6, False),  # same world: the reader state is carried
+        (2, [_R0, _R1], 6, {"reader": None, "trained": ["a", "b", "c"]}, "note: "),  # onto 1: the rest, exactly
+        (2, ["dali-r0", "dali-r1"], 6, None, "warning: "),  # an older checkpoint names no samples: said
+        (2, [None, None], 6, None, None),  # the PyTorch loader: exact anywhere
+        (2, [_R0, _R1], 0, None, None),  # an epoch boundary: nothing to repeat or skip
+        (1, [_R0], 6, _R0, None),  # same world: the reader state is carried
+        (1, ["dali-r0"], 6, "dali-r0", None),  # ... in the older format, too
+        (1, [{"reader": None, "trained": ["a"]}], 6, {"reader": None, "trained": ["a"]}, None),  # saved in a rest
     ],
 )
-def test_a_resume_says_when_dalis_reader_state_cannot_be_carried(tmp_path, saved_world, states, step, noted):
+def test_a_resume_carries_the_reader_or_what_every_rank_trained(tmp_path, saved_world, states, step, carried, note):
     manager = CheckpointManager(tmp_path, TrainConfig(), is_main=True)
     model = torch.nn.Linear(2, 2)
     progress = manager.restore(_state(saved_world, states, step), model, torch.optim.SGD(model.parameters(), 0.1), 0, 1)
-    assert progress.note == (world_change_note(saved_world, 1, Position(1, step)) if noted else None)
-    if noted:
-        assert "from a 2-process DALI checkpoint" in progress.note and "exact with data.loader=torch" in progress.note
+    assert progress.loader_state == carried
+    assert progress.note == (world_change_note(saved_world, 1, Position(1, step), carried) if note else None)
+    if note:
+        assert progress.note.startswith(note) and "from a 2-process DALI checkpoint at epoch 2 step 6" in progress.note
+    if note == "note: ":
+        assert "the 3 samples its ranks trained are not trained again" in progress.note
+
+
+def test_the_rest_of_an_epoch_is_the_untrained_samples_in_the_same_global_batches_at_any_world_size():
+    names = [f"s{i:03d}" for i in range(50)]
+    trained = set(names[::3])  # 17 samples, as a 2-process DALI reader may have handed them out
+    steps_left = 3  # of 8-sample global batches: 24 of the 33 left
+    global_batches = {}
+    for world, micro, accum in [(1, 8, 1), (2, 4, 1), (4, 2, 1), (2, 2, 2)]:
+        ranks = [rest_of_epoch(names, trained, steps_left, micro, r, world, 7, 2, accum) for r in range(world)]
+        assert all(len(batches) == steps_left * accum for batches in ranks)
+        steps = [sorted(i for r in ranks for b in r[s * accum : (s + 1) * accum] for i in b) for s in range(steps_left)]
+        global_batches[(world, micro, accum)] = steps
+        flat = [names[i] for step in steps for i in step]
+        assert len(flat) == len(set(flat)) == 24 and not set(flat) & trained
+    assert len({str(v) for v in global_batches.values()}) == 1  # the same global batches at every world size
+    with pytest.raises(ValueError, match="leave fewer than 5 optimizer steps"):
+        rest_of_epoch(names, trained, 5, 8, 0, 1, 7, 2)
+
+
+def _dali_train(split, rank: int, world: int, micro: int, state=None):
+    cfg = DataConfig(image_size=16, loader="dali", num_workers=1)
+    return build_loader(
+        cfg, split, train=True, batch_size=micro, placement=_cpu(rank, world), seed=0, resume_state=state
+    )
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_dali_resumed_mid_epoch_on_another_world_size_trains_exactly_the_rest(packed, world):
+    """2 processes stop after 2 of 5 steps; on 1 or 4 the epoch's records hold 40 distinct samples, the next epoch too."""
+    pytest.importorskip("nvidia.dali")
+    train, _, _ = usable_splits(DataConfig(root=str(packed)))
+    label_of = {m.key: m.label for m in train.members}
+    states, before = [], []
+    for r in range(2):
+        loader = _dali_train(train, r, 2, 4)
+        loader.set_epoch(0)
+        list(loader)
+        loader.set_epoch(1)
+        for _ in zip(range(2), loader):
+            pass
+        states.append(loader.resume_state())
+        before += loader.trained()
+    assert len(before) == len(set(before)) == 16 and sum(len(s["trained"]) for s in states) == 16
+    carried = [carried_state(states, 2, world, r) for r in range(world)]
+    assert all(c == {"reader": None, "trained": sorted(before)} for c in carried)
+    after, next_epoch = [], []
+    for r in range(world):
+        loader = _dali_train(train, r, world, 8 // world, carried[r])
+        loader.set_epoch(1, skip=2)
+        labels = [lab.tolist() for _, lab in loader]
+        assert len(labels) == 3 and [label_of[k] for k in loader.trained()] == sum(labels, [])
+        after += loader.trained()
+        loader.set_epoch(2)  # the reader's turn: a full epoch at the new world size
+        assert len(list(loader)) == 5
+        next_epoch += loader.trained()
+    assert len(after) == len(set(after)) == 24 and not set(after) & set(before)
+    assert len(next_epoch) == len(set(next_epoch)) == 40
+
+
+def test_dali_saved_while_training_the_rest_resumes_on_yet_another_world_size_exactly(packed):
+    """2 -> 1 (stopped again after 1 more step) -> 2: the epoch's 40 samples, each once."""
+    pytest.importorskip("nvidia.dali")
+    train, _, _ = usable_splits(DataConfig(root=str(packed)))
+    first = [_dali_train(train, r, 2, 4) for r in range(2)]
+    for loader in first:
+        loader.set_epoch(0)
+        for _ in zip(range(2), loader):
+            pass
+    seen = sum((loader.trained() for loader in first), [])
+    one = _dali_train(train, 0, 1, 8, carried_state([x.resume_state() for x in first], 2, 1, 0))
+    one.set_epoch(0, skip=2)
+    for _ in zip(range(1), one):
+        pass
+    seen += one.trained()
+    saved = [one.resume_state()]
+    assert saved[0]["reader"] is None and len(saved[0]["trained"]) == 24  # the 16 carried and its own 8
+    for r in range(2):
+        loader = _dali_train(train, r, 2, 4, carried_state(saved, 1, 2, r))
+        loader.set_epoch(0, skip=3)
+        list(loader)
+        seen += loader.trained()
+    assert len(seen) == len(set(seen)) == 40
 
 
 def _dali_epoch(split, world: int, batch: int, train: bool, epoch: int):
@@ -148,7 +243,7 @@ def _dali_epoch(split, world: int, batch: int, train: bool, epoch: int):
     cfg = DataConfig(image_size=16, loader="dali", num_workers=1)
     out = []
     for r in range(world):
-        loader = build_loader(cfg, split, train=train, batch_size=batch, placement=_cpu(r, world), seed=0, record=True)
+        loader = build_loader(cfg, split, train=train, batch_size=batch, placement=_cpu(r, world), seed=0)
         loader.set_epoch(epoch)
         out.append(([b for b in loader], loader.trained()))
     return out
@@ -241,9 +336,7 @@ def test_dali_on_shards_resumes_mid_epoch_exactly_from_its_reader_state(packed):
     cfg = DataConfig(image_size=16, loader="dali", num_workers=1)
 
     def loader(state=None):
-        return build_loader(
-            cfg, train, train=True, batch_size=4, placement=_cpu(), seed=0, record=True, resume_state=state
-        )
+        return build_loader(cfg, train, train=True, batch_size=4, placement=_cpu(), seed=0, resume_state=state)
 
     first = loader()
     first.set_epoch(0)
@@ -257,3 +350,68 @@ def test_dali_on_shards_resumes_mid_epoch_exactly_from_its_reader_state(packed):
     resumed.set_epoch(1, 2)
     assert [lab.tolist() for _, lab in resumed] == rest
     assert resumed.trained() == first.trained()[len(stopped) :] and len(stopped) == 8
+
+
+TOL = 2e-3  # the world-size tolerance: test_world_size_invariance.py says why
+
+
+def _rank_records(run: Path, epoch: int) -> dict[tuple[int, int], list[str]]:
+    """{(rank, from step): samples} of one epoch's audit records, in the order trained."""
+    out = {}
+    for path in (run / "samples").glob(f"epoch-{epoch:03d}.rank-*.txt"):
+        _, rank, first = path.stem.split(".")
+        out[(int(rank.split("-")[1]), int(first.split("-")[1]))] = path.read_text().split()
+    return out
+
+
+def _stopped_copy(full: Path, to: Path, global_step: int, epoch: int) -> None:
+    """`full`'s run folder as it stood when stopped after `global_step`: its checkpoint of that step is the newest."""
+    shutil.copytree(full, to)
+    for ckpt in (to / "checkpoints").iterdir():
+        step = re.fullmatch(r"step-(\d+)\.pt", ckpt.name)
+        if not step or int(step.group(1)) > global_step:
+            ckpt.unlink()
+    for record in (to / "samples").glob(f"epoch-{epoch:03d}.*"):
+        record.unlink()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_a_two_process_run_resumed_mid_epoch_on_one_and_on_four_trains_exactly_the_rest(packed, tmp_path, loader):
+    """Stopped at step 2 of 5 of the first epoch on 2 processes; resumed from that checkpoint on 1 and on 4 processes.
+
+    The audit records of the resumed epoch hold each of its 40 samples once: the 16 trained before the stop
+    and 24 after, none of them again. The PyTorch loader trains the uninterrupted run's batches, so the
+    weights agree within the world-size tolerance (test_world_size_invariance.py: sync_bn over the same 8
+    images at every world size); DALI trains the rest in the global order with its own per-rank augmentation
+    draws, the same distribution as the uninterrupted run but not its draws (docs/data.md).
+    """
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    run = ["train", "--config", "configs/quickstart.yaml", *TINY, "model.name=test_resnet", "model.sync_bn=on",
+           f"data.root={packed}", f"data.loader={loader}", "train.epochs=1", "train.record_samples=true",
+           "train.checkpoint_every_steps=1", "train.keep_checkpoints=10", "optim.lr=0.01", "train.seed=3",
+           f"train.output_dir={tmp_path}"]  # fmt: skip
+    cli([*run, "train.name=full"], nprocs=2)
+    whole = _rank_records(tmp_path / "full", 0)
+    before = sum((samples[:8] for samples in whole.values()), [])  # each rank's first 2 steps of 4
+    for world in (1, 4):
+        _stopped_copy(tmp_path / "full", tmp_path / f"on{world}", global_step=2, epoch=0)
+        out = cli([*run, f"train.name=on{world}"], nprocs=world).stdout
+        resumed = _rank_records(tmp_path / f"on{world}", 0)
+        assert sorted(resumed) == [(r, 2) for r in range(world)]
+        after = sum(resumed.values(), [])
+        assert len(after) == len(set(after)) == 24 and not set(after) & set(before)
+        if loader == "torch":
+            assert sorted(after) == sorted(sum((samples[8:] for samples in whole.values()), []))
+            assert "DALI" not in out
+            full, part = (last_checkpoint(tmp_path / name)["model"] for name in ("full", f"on{world}"))
+            names = [n for n in full if n.endswith(("weight", "bias"))]
+            a, b = (torch.cat([s[n].double().flatten() for n in names]) for s in (full, part))
+            at_stop = checkpoint_file.load(tmp_path / f"on{world}" / "checkpoints" / "step-00000002.pt")["model"]
+            moved = (a - torch.cat([at_stop[n].double().flatten() for n in names])).norm()  # since the resume
+            print(f"{world} process(es): {(a - b).norm() / moved:.2e}")
+            assert (a - b).norm() / moved < TOL, f"{world} process(es): {(a - b).norm() / moved:.2e}"
+        else:
+            assert f"resumed on {world} process(es) from a 2-process DALI checkpoint at epoch 1 step 2" in out
+            assert "the 16 samples its ranks trained are not trained again" in out

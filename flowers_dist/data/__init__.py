@@ -13,7 +13,7 @@ from .folder import DataError, Split, scan_dataset, scan_split
 from .shards import is_packed
 
 if TYPE_CHECKING:
-    from .contract import BatchLoader, Placement
+    from .contract import BatchLoader, Placement, ReaderState
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,8 @@ def build_loader(
     placement: Placement,
     seed: int,
     max_steps: int = 0,
-    resume_state: str | None = None,
+    resume_state: ReaderState | str | None = None,
     accum: int = 1,
-    record: bool = False,
 ) -> BatchLoader:
     """The loader that cfg.loader names (auto: DALI when it imports, else PyTorch), behind the one contract.
 
@@ -84,9 +83,8 @@ def build_loader(
     them per optimizer step (the PyTorch loader deals each global batch as contract.train_shard says;
     `max_steps` counts micro-batches); in evaluation train.eval_batch_size.
 
-    `resume_state` is what this rank's loader returned from `resume_state()` when the run was saved.
-    `record` (train.record_samples): the loader must be able to name the samples it hands out
-    (`trained()`); the PyTorch loader always can, DALI then returns each sample's source.
+    `resume_state` is this rank's part of what the loaders returned from `resume_state()` when the run
+    was saved (`contract.carried_state`). Both loaders name the samples they hand out (`trained()`).
     `split` is a folder's files or a pack's samples (shards.split); both loaders read either.
     """
     kind = cfg.loader
@@ -104,9 +102,7 @@ def build_loader(
     if kind == "dali":
         from .dali import build_dali_loader
 
-        return build_dali_loader(
-            cfg, split, train, batch_size, placement, seed, max_steps, resume_state, accum=accum, keys=record
-        )
+        return build_dali_loader(cfg, split, train, batch_size, placement, seed, max_steps, resume_state, accum=accum)
     from .torch_loader import build_torch_loader
 
     return build_torch_loader(cfg, split, train, batch_size, placement, seed, max_steps, accum)

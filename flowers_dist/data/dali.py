@@ -44,7 +44,7 @@ from nvidia.dali.data_node import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from ..config import DataConfig
-from .contract import Placement, train_shard
+from .contract import Placement, ReaderState, rest_of_epoch, train_shard
 from .folder import DataError, Split
 from .shards import LABEL_EXT, Sample, SampleReader
 
@@ -388,6 +388,46 @@ class _CutEpochs:
         return self.make_pipeline(self.files(epoch), epoch)
 
 
+class _RestOfEpoch:
+    """A mid-epoch resume with no reader position for this rank: the rest of the epoch, read as a cut epoch is.
+
+    DALI's reader state is per rank, over its own shard of the data: a run saved on 2 processes
+    and resumed on 1 or 4 has none to continue from. What every saved rank trained of the epoch
+    is in the checkpoint (`contract.ReaderState.trained`); the samples not yet trained are dealt
+    in the epoch's global order (`contract.rest_of_epoch`, the same on every new rank) and read
+    in that order through a pipeline of just those files, as `_CutEpochs` reads a cut epoch. The
+    next epoch is the reader's again (the reader then starts its own order, at this world size).
+    """
+
+    def __init__(
+        self,
+        make_pipeline: Callable[[list[int], int], object],
+        names: list[str],
+        trained: set[str],
+        batch: int,
+        placement: Placement,
+        seed: int,
+        accum: int,
+    ):
+        self.make_pipeline, self.names, self.trained = make_pipeline, names, trained
+        self.batch, self.placement, self.seed, self.accum = batch, placement, seed, accum
+
+    def files(self, epoch: int, micro_batches_left: int) -> list[int]:
+        p = self.placement
+        batches = rest_of_epoch(
+            self.names,
+            self.trained,
+            micro_batches_left // self.accum,
+            self.batch,
+            p.rank,
+            p.world_size,
+            self.seed,
+            epoch,
+            self.accum,
+        )
+        return [i for b in batches for i in b]
+
+
 class DaliLoader:
     """A DALIGenericIterator behind the loader contract (not for accelerator.prepare).
 
@@ -412,25 +452,33 @@ class DaliLoader:
         restored: bool = False,
         cut: _CutEpochs | None = None,
         keys: bool = False,
+        rest: _RestOfEpoch | None = None,
+        reader: Callable[[], object] | None = None,
+        carried: list[str] | None = None,
     ):
         self.train, self.num_samples, self.placement, self.split = train, num_samples, placement, split
         self.epoch, self.skip = 0, 0
         self._outputs = [*OUTPUTS, "keys"] if keys else OUTPUTS
-        self._keys: list[str] = []  # train.record_samples: the names of the samples handed out since set_epoch
+        self._keys: list[str] = []  # the names of the samples handed out since set_epoch (from source_info)
         self._yielded = 0
         self._mid_epoch = False
         self._restored = restored  # built from a saved state: the reader already stands where `skip` says
         self._cut = cut
+        self._rest, self._rest_files = rest, None  # a resume with no reader position: the epoch's rest, listed
+        self._reader = reader  # builds the reader's pipeline when a rest epoch is over
+        self._carried = carried or []  # the resumed epoch's samples trained before the resume, kept in saves
         self._iterator_epoch = None if pipeline is None else 0  # the epoch self.iterator was built for, unread
         self.iterator = None if pipeline is None else self._make_iterator(pipeline)
         self.steps = steps if train else len(self.iterator)
 
-    def _make_iterator(self, pipeline) -> DALIGenericIterator:
+    def _make_iterator(self, pipeline, listed: bool = False) -> DALIGenericIterator:
         try:  # the iterator already runs the pipeline for its first batch
-            # A pack's cut epochs read listed samples through an external source, which ends the epoch itself.
-            reader = None if self._cut is not None and self.split.packed else READER
+            # A pack's listed samples (cut epochs, the rest of an epoch) come from an external source,
+            # which ends the epoch itself.
+            reader = None if (listed or self._cut is not None) and self.split.packed else READER
+            outputs = OUTPUTS if listed else self._outputs  # a listed pipeline names its samples by its list
             return DALIGenericIterator(
-                pipeline, self._outputs, reader_name=reader, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
+                pipeline, outputs, reader_name=reader, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
             )
         except RuntimeError as exc:
             raise self._decode_error(exc) from None
@@ -444,25 +492,35 @@ class DaliLoader:
         """
         self.epoch, self.skip = epoch, skip
         self._keys, self._yielded = [], 0
+        if self._rest_files is not None:  # the rest of the resumed epoch was trained: the reader's turn
+            self._rest = self._rest_files = None
+        if skip == 0:
+            self._carried = []
 
     def trained(self) -> list[str]:
-        """Cut epochs: from the epoch's listed files; full epochs: from the reader's source_info of each sample."""
+        """Listed epochs (cut, or a resumed epoch's rest): from the list; the reader's: from each sample's source_info."""
         if self._cut is not None:
             batch = self._cut.batch
             files = self._cut.files(self.epoch)[self.skip * batch : (self.skip + self._yielded) * batch]
             return [self.split.name(i) for i in files]
+        if self._rest_files is not None:
+            return [self.split.name(i) for i in self._rest_files[: self._yielded * self._rest.batch]]
         return list(self._keys)
 
-    def resume_state(self) -> str | None:
-        """DALI's checkpoint of reader position and random generators after the last batch handed out (training only).
+    def resume_state(self) -> ReaderState | None:
+        """Where this rank stands: DALI's checkpoint of reader and random generators, and what it trained of the epoch.
 
         DALI's iterator accounts for the batches it has prefetched but not yet returned, so a
-        pipeline rebuilt from this state yields the next batch the consumer has not seen. None
-        for cut epochs, which are functions of the epoch.
+        pipeline rebuilt from `reader` yields the next batch the consumer has not seen (the same
+        world size). `trained` (empty at an epoch's end) lets a resume at another world size train
+        exactly the rest of the epoch. No reader while the rest of a resumed epoch is read, which
+        has none. None for cut epochs, which are functions of the epoch.
         """
         if not self.train or self._cut is not None:
             return None
-        return self.iterator.checkpoints()[0]
+        reader = None if self._rest_files is not None or self.iterator is None else self.iterator.checkpoints()[0]
+        done = self._yielded == self.steps - self.skip
+        return ReaderState(reader=reader, trained=[] if done else self._carried + self.trained())
 
     def __len__(self) -> int:
         return self.steps
@@ -471,6 +529,11 @@ class DaliLoader:
         if self._cut is not None:
             yield from self._cut_epoch()
             return
+        if self._rest is not None:
+            yield from self._rest_epoch()
+            return
+        if self.iterator is None:  # after a resumed epoch's rest: the reader, from its own first epoch
+            self.iterator = self._make_iterator(_built(self._reader(), self.split))
         self._drain()  # a consumer that stopped early left DALI mid-epoch
         self._mid_epoch = True
         skip, self.skip = self.skip, 0
@@ -502,6 +565,20 @@ class DaliLoader:
                 raise RuntimeError(f"DALI's epoch ended after fewer than {self.steps} batches")
             self._yielded += 1
             yield self._convert(batch)
+
+    def _rest_epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._rest_files is None:
+            self._rest_files = self._rest.files(self.epoch, self.steps - self.skip)
+            self.iterator = self._make_iterator(
+                _built(self._rest.make_pipeline(self._rest_files, self.epoch), self.split), listed=True
+            )
+        for _ in range(self.skip, self.steps):
+            batch = self._next()
+            if batch is None:
+                raise RuntimeError(f"the rest of epoch {self.epoch + 1} ended before {self.steps} batches")
+            self._yielded += 1
+            yield self._convert(batch)
+        self.iterator = None  # the listed pipeline goes; the next epoch builds the reader's
 
     def _next(self):
         """The next DALI batch, or None at the end of DALI's epoch (the iterator then resets itself)."""
@@ -543,9 +620,19 @@ class DaliLoader:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         after = lines.index("encountered:") + 1 if "encountered:" in lines else 0
         detail = lines[after] if after < len(lines) else type(exc).__name__
-        bad = [] if self.split.packed else suspect_files(self.split.files)
-        named = f"; files that look truncated or not images: {', '.join(map(str, bad))}" if bad else ""
         root = self.split.root.parent if self.split.root.name in ("train", "val") else self.split.root
+        if self.split.packed:
+            from .shards import suspect_samples
+
+            bad = suspect_samples(self.split.members)
+            named = f"; samples that look truncated or not images: {', '.join(bad)}" if bad else ""
+            return DataError(
+                f"the DALI pipeline failed on {self.split.root}: {detail[:300]}{named} "
+                "(a pack holds only files that decoded when packed: damaged since? "
+                f"`flowers-dist data check {root} --decode` names every sample that does not decode)"
+            )
+        bad = suspect_files(self.split.files)
+        named = f"; files that look truncated or not images: {', '.join(map(str, bad))}" if bad else ""
         return DataError(
             f"the DALI pipeline failed on {self.split.root}: {detail[:300]}{named} "
             "(data.check=true, the default, leaves undecodable files out; "
@@ -554,7 +641,11 @@ class DaliLoader:
 
 
 def suspect_files(files, limit: int = 3) -> list:
-    """Files whose first and last bytes are not those of a whole JPEG or PNG (a cheap scan after a failure)."""
+    """Files whose first and last bytes are not those of a whole JPEG or PNG (a cheap scan after a failure).
+
+    A pack's samples are scanned by shards.suspect_samples, with the same test."""
+    from .shards import looks_whole
+
     bad = []
     for path in files:
         try:
@@ -565,11 +656,7 @@ def suspect_files(files, limit: int = 3) -> list:
         except OSError:
             bad.append(path)
             continue
-        if head.startswith(b"\x89PNG"):
-            whole = b"IEND" in tail
-        else:  # a JPEG starts with SOI and ends with EOI (some writers append a few bytes after it)
-            whole = head.startswith(b"\xff\xd8") and b"\xff\xd9" in tail
-        if not whole:
+        if not looks_whole(head, tail):
             bad.append(path)
             if len(bad) == limit:
                 break
@@ -607,16 +694,15 @@ def build_dali_loader(
     placement: Placement,
     seed: int,
     max_steps: int = 0,
-    resume_state: str | None = None,
+    resume_state: ReaderState | str | None = None,
     fused: bool | None = None,
     accum: int = 1,
-    keys: bool = False,
 ) -> DaliLoader:
     """The DALI loader for one split; placement.workers is DALI's thread count (0 counts as 1).
 
     A packed split (split.members) is read from its shards by `fn.readers.webdataset`; the rest
-    of the graph is the same. keys=True also returns each sample's source_info, so that
-    `trained()` can name the samples handed out (train.record_samples).
+    of the graph is the same. Training also returns each sample's source_info, so that `trained()`
+    names the samples handed out (train.record_samples) and a save records them (`resume_state`).
 
     fused: end the CPU training graph with the one-pass kernel (None: wherever it applies and
     numba imports; False: DALI's operators, as the benchmark compares). Training yields the
@@ -645,7 +731,7 @@ def build_dali_loader(
     )
     if not train:
         return _val_loader(common, split, p, seed)
-    return _train_loader(common, split, p, seed, max_steps, resume_state, fused, accum, keys)
+    return _train_loader(common, split, p, seed, max_steps, resume_state, fused, accum)
 
 
 def _pack_shards(split: Split) -> tuple[list[str], list[str]]:
@@ -669,10 +755,9 @@ def _train_loader(
     p: Placement,
     seed: int,
     max_steps: int,
-    resume_state: str | None,
+    resume_state: ReaderState | str | None,
     fused: bool | None,
     accum: int,
-    keys: bool = False,
 ) -> DaliLoader:
     n, batch_size = len(split), common["batch_size"]
     # Micro-batches of the epoch's full optimizer steps: with accumulation the last partial global batch
@@ -698,26 +783,50 @@ def _train_loader(
         return DaliLoader(
             None, train=True, steps=steps, num_samples=steps * batch_size, placement=p, split=split, cut=cut
         )  # a cut epoch's samples are known from its list: no keys from the pipeline
-    # Checkpointing lets a resumed run continue the reader's permutations and the random
-    # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
-    pipe = train_pipeline(
-        **common,
-        reader_seed=seed,
-        seed=pipe_seed,
-        fused=fused,
-        keys=keys,
-        enable_checkpointing=True,
-        checkpoint=resume_state,
-    )
+    listed = _epoch_pipelines({**common, "members": split.members}, seed, pipe_seed, fused)
+    return _reader_loader(common, split, p, steps, resume_state, listed, seed, pipe_seed, fused, accum)
+
+
+def _reader_loader(
+    common: dict,
+    split: Split,
+    p: Placement,
+    steps: int,
+    resume_state: ReaderState | str | None,
+    listed: Callable[[list[int], int], object],
+    seed: int,
+    pipe_seed: int,
+    fused: bool,
+    accum: int,
+) -> DaliLoader:
+    """Full epochs from DALI's reader; after a resume with no reader position for this rank, the epoch's rest first."""
+    # An older checkpoint saved the reader's state alone; now it comes with what the rank trained.
+    state = ReaderState(reader=resume_state, trained=[]) if isinstance(resume_state, str) else resume_state
+
+    def reader_pipeline(checkpoint: str | None = None):
+        # Checkpointing lets a resumed run continue the reader's permutations and the random
+        # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
+        # The samples' names (source_info) are what a resume at another world size needs.
+        return train_pipeline(
+            **common, reader_seed=seed, seed=pipe_seed, fused=fused, keys=True, enable_checkpointing=True,
+            checkpoint=checkpoint,
+        )  # fmt: skip
+
+    batch_size = common["batch_size"]
+    loader = dict(train=True, steps=steps, num_samples=steps * batch_size, placement=p, split=split, keys=True)
+    if state is not None and state["reader"] is None:  # no position of this rank to continue from
+        names = [split.name(i) for i in range(len(split))]
+        rest = _RestOfEpoch(listed, names, set(state["trained"]), batch_size, p, seed, accum)
+        # One rank keeps what was trained before the resume in its saves: the union is what counts.
+        carried = state["trained"] if p.rank == 0 else []
+        return DaliLoader(None, **loader, rest=rest, reader=reader_pipeline, carried=carried)
+    reader = state["reader"] if state is not None else None
     return DaliLoader(
-        _built(pipe, split),
-        train=True,
-        steps=steps,
-        num_samples=steps * batch_size,
-        placement=p,
-        split=split,
-        restored=resume_state is not None,
-        keys=keys,
+        _built(reader_pipeline(reader), split),
+        **loader,
+        restored=reader is not None,
+        reader=reader_pipeline,
+        carried=state["trained"] if state is not None else [],
     )
 
 

@@ -177,6 +177,11 @@ def probe(path: str, max_pixels: int, min_side: int) -> Probe:
             data = fh.read()
     except OSError as exc:
         return Probe(path, "unreadable", exc.strerror or str(exc))
+    return probe_bytes(path, data, max_pixels, min_side)
+
+
+def probe_bytes(path: str, data: bytes, max_pixels: int, min_side: int) -> Probe:
+    """Classify an image's bytes, named `path` in the verdict (a pack's sample: `<shard>:<key>`)."""
     common = dict(digest=hashlib.sha256(data).hexdigest(), bytes=len(data))
     if not data:
         return Probe(path, "zero_bytes", "the file is empty", **common)

@@ -105,8 +105,9 @@ def usable_splits(cfg: DataConfig, progress: bool = False) -> tuple[Split, Split
     """Train and val holding only the files both loaders decode (or everything, with data.check=false).
 
     A packed data set holds only the files its source's check kept: its manifest's verdicts are the
-    record, nothing is probed, and the shards are checked for presence and size (not checksums:
-    `data pack`'s verify reads every byte, too slow for every start)."""
+    record, nothing is probed; shards.load checks the shards' sizes, the indexes' and listings'
+    checksums and each index against its tar (not the shards' checksums: `data check PACK` reads
+    every byte, too slow for every start)."""
     if shards.is_packed(cfg.root):
         return packed_splits(cfg.root)
     train, val = scan_dataset(cfg.root)  # layout errors, as before
