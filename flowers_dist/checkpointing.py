@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 
 from . import checkpoint_file
 from .config import TrainConfig
+from .data.contract import ReaderState, carried_state
 from .errors import CheckpointError, ConfigError
 from .run_lock import RunLock
 
@@ -61,10 +63,10 @@ class Progress:
     """Training time so far (the clock continues after a resume)."""
     epoch_sums: list[float] | None = None
     """This rank's running (loss x n, correct, n) of the unfinished epoch, for a mid-epoch resume."""
-    loader_state: str | None = None
-    """This rank's loader state (DALI reader and random generators) at `position`."""
+    loader_state: ReaderState | str | None = None
+    """This rank's loader state at `position` (contract.carried_state: its DALI reader, or the epoch's trained samples)."""
     note: str | None = None
-    """A guarantee this resume cannot keep, in one line for the run's start (None: it resumes exactly)."""
+    """How this resume differs from an uninterrupted run, in one line for its start (None: it resumes exactly)."""
 
 
 @dataclass
@@ -77,17 +79,26 @@ class Claim:
     error: tuple[str, str] | None = None  # (error class name, one-line message), raised on every rank
 
 
-def world_change_note(saved_world: int, world: int, pos: Position) -> str:
-    """Why a mid-epoch resume at another world size is approximate when the run was saved with DALI's reader state.
+def world_change_note(saved_world: int, world: int, pos: Position, carried: ReaderState | str | None) -> str:
+    """The one line a mid-epoch resume at another world size of a run saved with DALI's reader states starts with.
 
-    Only DALI's full-epoch reader saves a state (per rank, over its own shard of the data): it
-    cannot be dealt to another number of ranks. The PyTorch loader's order is a function of
-    (seed, epoch) and the world size (contract.train_shard), so its resumes are exact anywhere.
+    Only DALI's full-epoch reader saves a state, per rank, over its own shard of the data: it cannot
+    be dealt to another number of ranks. With the samples each rank trained (`carried`), the rest
+    of the epoch is exactly the samples not yet trained (`contract.rest_of_epoch`); a checkpoint
+    of an older format named none, and its epoch restarts in DALI's order. The PyTorch loader's
+    order is a function of (seed, epoch) and the world size, so its resumes are exact anywhere.
     """
+    where = f"resumed on {world} process(es) from a {saved_world}-process DALI checkpoint at epoch {pos.epoch + 1} "
+    if isinstance(carried, dict):
+        return (
+            f"note: {where}step {pos.step}: the {len(carried['trained'])} samples its ranks trained are not trained "
+            f"again; the rest of epoch {pos.epoch + 1} follows the global order at this world size (no sample repeats "
+            "or is skipped; batches and augmentation draws differ from an uninterrupted run's); DALI's reader takes "
+            f"over at epoch {pos.epoch + 2}"
+        )
     return (
-        f"resumed on {world} process(es) from a {saved_world}-process DALI checkpoint at epoch {pos.epoch + 1} "
-        f"step {pos.step}: DALI's reader restarts the epoch's order; samples of epoch {pos.epoch + 1} may repeat "
-        "or be skipped (exact with data.loader=torch)"
+        f"warning: {where}step {pos.step}: DALI's reader restarts the epoch's order; samples of epoch {pos.epoch + 1} "
+        "may repeat or be skipped (the checkpoint names no trained samples; exact with data.loader=torch)"
     )
 
 
@@ -102,6 +113,9 @@ class CheckpointManager:
         self.writer = checkpoint_file.BackgroundWriter()
         self.lock = RunLock(self.run_dir, stale_after=max(600.0, 2 * cfg.watchdog))
         self._last_save = time.monotonic()
+        # Told on the writer thread once a save is on disk: (its paths, the step file first; the state's small fields).
+        # The Recorder logs it as a W&B artifact then, so a run stopped later already has it there.
+        self.on_landed: Callable[[list[Path], dict[str, Any]], None] | None = None
 
     # -- the run folder ----------------------------------------------------------------------
     @staticmethod
@@ -230,10 +244,10 @@ class CheckpointManager:
         # Per-rank loader positions and sums only mean something for the same shards, i.e. the same world size.
         same_world = state["world_size"] == world
         loaders = state["loader_states"]
-        if same_world and len(loaders) == world:
-            progress.loader_state = loaders[rank]
-        elif progress.position.step > 0 and any(s is not None for s in loaders):
-            progress.note = world_change_note(state["world_size"], world, progress.position)
+        if progress.position.step > 0 and any(s is not None for s in loaders):
+            progress.loader_state = carried_state(loaders, state["world_size"], world, rank)
+            if not same_world:
+                progress.note = world_change_note(state["world_size"], world, progress.position, progress.loader_state)
         sums = state["epoch_sums"]
         if progress.position.step > 0 and sums:
             if same_world and len(sums) == world:
@@ -261,7 +275,11 @@ class CheckpointManager:
         paths = [self.dir / f"step-{global_step:08d}.pt", self.dir / "last.pt"]
         if is_best:
             paths.append(self.dir / "best.pt")
-        self.writer.save(state, paths, after=self._prune)
+        after, told = self._prune, self.on_landed
+        if told is not None:
+            facts = {k: state[k] for k in ("epoch", "position", "config", "classes")} | {"best": dict(state["best"])}
+            after = lambda: (self._prune(), told(paths, facts))  # noqa: E731
+        self.writer.save(state, paths, after=after)
 
     def _prune(self) -> None:
         """Keep the newest train.keep_checkpoints step files (last.pt and best.pt are links of their own)."""

@@ -55,7 +55,10 @@ def _add_train(sub) -> None:
 
 def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a labelled folder")
-    ev.add_argument("checkpoint", type=Path)
+    ev.add_argument(
+        "checkpoint",
+        help="a checkpoint file, or a W&B artifact [entity/][project/]name:alias (e.g. model-<run id>:best)",
+    )
     ev.add_argument(
         "--data",
         required=True,
@@ -66,6 +69,12 @@ def _add_eval(sub) -> None:
     ev.add_argument("--device", choices=["auto", "cpu"], default="auto")
     ev.add_argument("--json", help="also write the result as JSON here")
     ev.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="also write the val images the model gets wrong to DIR/mistakes.html and .png (and to W&B when tracking is on)",
+    )
+    ev.add_argument(
         "--loader",
         choices=["auto", "dali", "torch"],
         default="auto",
@@ -75,7 +84,10 @@ def _add_eval(sub) -> None:
 
 def _add_predict(sub) -> None:
     pr = sub.add_parser("predict", help="top-k classes for images or folders of images")
-    pr.add_argument("checkpoint", type=Path)
+    pr.add_argument(
+        "checkpoint",
+        help="a checkpoint file, or a W&B artifact [entity/][project/]name:alias (e.g. model-<run id>:best)",
+    )
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     pr.add_argument("--topk", type=int, default=3)
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -161,7 +173,9 @@ def _predict(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from .inference import run_eval
 
-    run_eval(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.json, args.loader)
+    run_eval(
+        args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.json, args.loader, args.report
+    )
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -293,6 +293,10 @@ class TrackingConfig:
     """W&B run group (e.g. one sweep or one comparison); empty = none."""
     target_accuracy: float = 0.92
     """Report the time at which val accuracy first reaches this (time-to-accuracy)."""
+    mistakes: int = 64
+    """The most confident wrong val predictions kept at the end of training (report/mistakes.html, W&B); 0 = off."""
+    artifacts: Literal["none", "best", "all"] = "best"
+    """Checkpoints in W&B: best = upload best.pt at each new best epoch; all = also every step file by reference (no upload)."""
 
     def validate(self) -> None:
         _check(bool(self.project.strip()), "tracking.project", "must not be empty")
@@ -300,6 +304,7 @@ class TrackingConfig:
         _check(
             0 < self.target_accuracy <= 1, "tracking.target_accuracy", f"must be in (0, 1], got {self.target_accuracy}"
         )
+        _check(self.mistakes >= 0, "tracking.mistakes", f"must be >= 0 (0 = off), got {self.mistakes}")
 
 
 @dataclass

@@ -8,21 +8,25 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list
 
-from . import checkpoint_file
-from .config import from_dict
+from . import artifacts, checkpoint_file, mistakes
+from .config import Config, TrackingConfig, from_dict
 from .data import Placement, Split, build_loader, scan_split, shards
 from .data.contract import DeviceNormalizer
 from .data.folder import IMAGE_SUFFIXES, DataError, resolve_eval_dir
 from .data.torch_loader import eval_transform, load_rgb
 from .data.usable import shared, usable_split
-from .distributed import make_accelerator, placement
+from .distributed import make_accelerator, num_nodes, placement
+from .environment import environment
+from .errors import CheckpointError
 from .evaluate import EvalResult, local_counts
 from .model import build_model
+from .sinks import SinkContext, for_run
+from .tracking import resolve_mode
 
 
 def load_trained(path: str | Path, device: torch.device):
-    """Model with the checkpoint's weights, its config and class list."""
-    state = checkpoint_file.load(path)
+    """Model with the checkpoint's weights, its config and class list; `path` may name a W&B artifact (artifacts.resolve)."""
+    state = checkpoint_file.load(artifacts.resolve(path))
     cfg = from_dict(state["config"])
     cfg.model.pretrained = "none"  # the checkpoint brings every weight
     model = build_model(cfg.model, len(state["classes"]))
@@ -38,14 +42,16 @@ def run_eval(
     device: str,
     json_path: str | None,
     loader: str = "auto",
+    report_dir: str | Path | None = None,
 ) -> EvalResult:
     """Every process counts its shard; counts are summed once, so each image counts exactly once.
 
     Files that do not decode are left out (and named) by the data check, whichever the loader.
     `data_dir` may be a packed data set (`data pack`): its val split is read from the shards.
+    `report_dir`: also write the val images the model gets wrong there, and log them to W&B (eval_report).
     """
-    accelerator = make_accelerator(device, "no")
-    model, cfg, classes = load_trained(checkpoint_path, accelerator.device)
+    accelerator = make_accelerator(device, "no", log_with="wandb" if report_dir is not None else None)
+    model, cfg, classes = load_trained(checkpoint_file_of(checkpoint_path, accelerator), accelerator.device)
     cfg.data.loader = loader
     split = eval_split(data_dir, classes)
     split, skipped = shared(lambda: usable_split(cfg.data, split), accelerator.is_main_process, broadcast_object_list)
@@ -72,7 +78,52 @@ def run_eval(
                 )
                 + "\n"
             )
+        if report_dir is not None:
+            eval_report(Path(report_dir), model, split, cfg, place, batch_size, accelerator)
     return result
+
+
+def checkpoint_file_of(checkpoint: str | Path, accelerator) -> Path:
+    """The file a checkpoint argument names; a W&B artifact is fetched by the main process first, so that the others
+    find it in W&B's cache on the same node. Every rank raises the main process's error, none waits for it."""
+    if not artifacts.is_artifact_name(str(checkpoint)):
+        return Path(checkpoint)
+
+    def attempt() -> Path | Exception:
+        try:
+            return artifacts.resolve(checkpoint)
+        except CheckpointError as exc:
+            return exc
+
+    found = attempt() if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    if found is None:
+        found = attempt()
+    if isinstance(found, Exception):
+        raise found
+    if accelerator.is_main_process:
+        print(f"W&B artifact {checkpoint}: {found}")
+    return found
+
+
+def eval_report(
+    out: Path, model: torch.nn.Module, split: Split, cfg: Config, place: Placement, batch_size: int, accelerator
+) -> None:
+    """Main process: out/mistakes.html and mistakes.png, and, with tracking on (the checkpoint's tracking.wandb, or
+    WANDB_MODE), the `val/mistakes` table in a W&B run of its own (job_type `eval`, files under `out`)."""
+    limit = cfg.tracking.mistakes or TrackingConfig.mistakes  # asked for on the command line, so never off
+    media = mistakes.of_model(model, split, cfg.data, place, batch_size=batch_size, out=out, limit=limit)
+    # Each eval is a W&B run of its own: a kept id would resume the last one, whose step 0 W&B has seen (and drops).
+    (out / "wandb_run_id").unlink(missing_ok=True)
+    context = SinkContext(out, accelerator, cfg.tracking, resolve_mode(cfg.tracking), job_type="eval")
+    env = environment(accelerator.num_processes, num_nodes(accelerator), accelerator.device)
+    for sink in for_run(context):
+        sink.start(cfg, list(split.classes), env)
+        sink.log_media(0, media)
+        sink.finish(None)
+    accelerator.end_training()  # closes the W&B run
+    for line in media.notes:
+        print(line)
 
 
 def eval_split(data_dir: str | Path, classes: list[str]) -> Split:

@@ -9,15 +9,16 @@ through metrics_log, W&B), lines and the progress bar to the Console, run time t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import metrics_log, resume_check, tracking
+from .artifacts import Landed
 from .config import Config, TrackingConfig, dump
 from .console import Console
 from .run_clock import RunClock
-from .sinks import Record, Sink, SinkContext, for_run
+from .sinks import Media, Record, Sink, SinkContext, for_run
 
 
 class Recorder:
@@ -54,6 +55,7 @@ class Recorder:
         # After a resume that trains again steps a tracker has seen, rows are logged past them as `wandb_step`;
         # metrics.jsonl keeps both numbers, and the next resume reads them back (tracking.step_offset).
         self._tracker_offset = 0
+        self._last_step = 0  # the tracker step of the last step or epoch row: pictures join that row
 
     # -- clock ------------------------------------------------------------------------------
     @property
@@ -131,7 +133,28 @@ class Recorder:
                 sink.log_epoch(record)
 
     def _on_tracker_axis(self, record: dict[str, Any]) -> dict[str, Any]:
-        return {**record, "wandb_step": record["step"] + self._tracker_offset} if self._tracker_offset else record
+        self._last_step = record["step"] + self._tracker_offset
+        return {**record, "wandb_step": self._last_step} if self._tracker_offset else record
+
+    def log_media(self, make: Callable[[bool], Media]) -> None:
+        """Pictures (the val mistakes, the report's plots): `make` runs on the main process alone and writes their local
+        copies into the run folder; its argument says whether a sink shows pictures (a tracker: W&B). Each sink then
+        gets them at the last row's step."""
+        if self.is_main:
+            media = make(any(sink.shows_pictures for sink in self.sinks))
+            for sink in self.sinks:
+                sink.log_media(self._last_step, media)
+            for line in media.notes:
+                self.print(line)
+
+    def checkpoint(self, paths: list[Path], facts: dict[str, Any]) -> None:
+        """A checkpoint the background writer has put on disk (CheckpointManager.on_landed; on the writer thread): each
+        sink may keep it (W&B as an artifact, per tracking.artifacts). `paths`: the step file first, then its other
+        names; `facts`: the state's epoch, position, best, config and classes."""
+        if self.is_main and self.sinks:
+            landed = Landed.of(paths, facts)
+            for sink in self.sinks:
+                sink.log_checkpoint(landed)
 
     def log_data_check(self, record: dict[str, Any]) -> None:
         """The `data_check` row (files the check left out, and why); in W&B as summary values, which need no step."""

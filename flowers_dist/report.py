@@ -179,25 +179,32 @@ def _confusion_figure(epochs: list[dict], classes: list[str] | None):
     return fig
 
 
-def write_report(run_dir: Path) -> tuple[list[Path], str]:
-    """Write RUN_DIR/report/*.png and summary.txt; returns the files and the summary."""
+def write_plots(run_dir: Path) -> list[Path]:
+    """Write RUN_DIR/report/*.png (loss, accuracy, lr, throughput, and confusion when an epoch logged one)."""
     run_dir = Path(run_dir)
     m = read_metrics(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     epochs, steps = m["epochs"], m["steps"]
-    target = _target(run_dir, m)
     # Each figure is saved and closed before the next is drawn.
     written = [
         _save(_loss_figure(epochs, steps), out / "loss.png"),
-        _save(_accuracy_figure(epochs, target), out / "accuracy.png"),
+        _save(_accuracy_figure(epochs, _target(run_dir, m)), out / "accuracy.png"),
         _save(_lr_figure(epochs, steps), out / "lr.png"),
         _save(_throughput_figure(epochs, steps), out / "throughput.png"),
     ]
     confusion = _confusion_figure(epochs, m["classes"])
     if confusion is not None:
         written.append(_save(confusion, out / "confusion.png"))
-    text = summary_text(run_dir, m, target)
-    (out / "summary.txt").write_text(text)
-    written.append(out / "summary.txt")
+    return written
+
+
+def write_report(run_dir: Path) -> tuple[list[Path], str]:
+    """Write RUN_DIR/report/*.png and summary.txt; returns the files and the summary."""
+    run_dir = Path(run_dir)
+    written = write_plots(run_dir)
+    m = read_metrics(run_dir)
+    text = summary_text(run_dir, m, _target(run_dir, m))
+    (run_dir / "report" / "summary.txt").write_text(text)
+    written.append(run_dir / "report" / "summary.txt")
     return written, text

@@ -50,6 +50,8 @@ HARMLESS = {
     "tracking.tags",
     "tracking.group",
     "tracking.target_accuracy",
+    "tracking.mistakes",
+    "tracking.artifacts",
 }
 
 

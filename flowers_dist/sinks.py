@@ -7,19 +7,52 @@ these methods and a `for_run`, added to SINKS; the Recorder does not change.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import metrics_log, tracking
+from . import artifacts, metrics_log, tracking
+from .artifacts import Landed
 from .config import Config, TrackingConfig
 
 Record = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Picture:
+    """An image for a tracker: its encoded bytes (JPEG or PNG) and a caption."""
+
+    data: bytes
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows under named columns; a cell is a plain value (str, number) or a Picture."""
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+
+@dataclass(frozen=True)
+class Media:
+    """Pictures at the end of a run (or of an eval): tables and images by tracker key, and lines for the console."""
+
+    tables: dict[str, Table] = field(default_factory=dict)
+    images: dict[str, Picture] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def __or__(self, other: Media) -> Media:
+        return Media({**self.tables, **other.tables}, {**self.images, **other.images}, self.notes + other.notes)
+
+
 class Sink(Protocol):
     """One destination of the run's record; only the main process has sinks."""
+
+    shows_pictures: bool
+    """Whether log_media puts pictures where a person sees them: the report's plots are drawn only for such a sink."""
 
     def start(self, cfg: Config, classes: list[str], env: dict[str, Any]) -> None:
         """The run (or this attempt of it) begins: the resolved config, the class names, environment.json's facts."""
@@ -36,6 +69,12 @@ class Sink(Protocol):
     def log_event(self, record: Record) -> None:
         """Any other record (`start`, `resume`, `stopped`, ...)."""
 
+    def log_media(self, step: int, media: Media) -> None:
+        """Tables and images (the val mistakes, the report's plots) at tracker step `step`, the last one logged."""
+
+    def log_checkpoint(self, landed: Landed) -> None:
+        """A checkpoint now on disk; called on the checkpoint writer's thread, while the loop goes on."""
+
     def finish(self, record: Record | None) -> None:
         """The `end` record of a finished run, or None for a stopped one; the Recorder closes the trackers after."""
 
@@ -49,10 +88,13 @@ class SinkContext:
     tracking_cfg: TrackingConfig | None = None
     wandb_mode: str = "disabled"
     say: Callable[[str], None] = print  # a line for the person watching (the Console's print)
+    job_type: str = ""  # W&B's job_type for a run that is not training (`eval`); empty = W&B's default
 
 
 class JsonlSink:
     """metrics.jsonl: every record, one whole line each (metrics_log), the record a killed run keeps."""
+
+    shows_pictures = False
 
     def __init__(self, path: Path):
         self.path = path
@@ -69,6 +111,12 @@ class JsonlSink:
 
     log_epoch = log_data_check = log_event = log_step
 
+    def log_media(self, step: int, media: Media) -> None:
+        pass  # pictures have no line here: their local copies are the run folder's report/ (mistakes.py, report.py)
+
+    def log_checkpoint(self, landed: Landed) -> None:
+        pass  # the checkpoint files are the run folder's own; this file records what was trained
+
     def finish(self, record: Record | None) -> None:
         if record is not None:
             metrics_log.append(self.path, record)
@@ -83,29 +131,43 @@ class WandbSink:
     merge into one row. Summary values need no step.
     """
 
-    def __init__(self, accelerator, tracking_cfg: TrackingConfig, mode: str, run_dir: Path, say: Callable[[str], None]):
+    shows_pictures = True
+
+    def __init__(
+        self,
+        accelerator,
+        tracking_cfg: TrackingConfig,
+        mode: str,
+        run_dir: Path,
+        say: Callable[[str], None],
+        job_type: str = "",
+    ):
         self._accelerator = accelerator
+        self._job_type = job_type
         self._cfg = tracking_cfg
         self._mode = mode
         self._run_dir = run_dir
         self._say = say
         self._classes: list[str] = []
+        self._git_commit: str | None = None
 
     @classmethod
     def for_run(cls, ctx: SinkContext) -> WandbSink | None:
         if ctx.accelerator is None or ctx.tracking_cfg is None or ctx.wandb_mode == "disabled":
             return None
-        return cls(ctx.accelerator, ctx.tracking_cfg, ctx.wandb_mode, ctx.run_dir, ctx.say)
+        return cls(ctx.accelerator, ctx.tracking_cfg, ctx.wandb_mode, ctx.run_dir, ctx.say, ctx.job_type)
 
     def _run(self):
         return self._accelerator.get_tracker("wandb", unwrap=True)
 
     def start(self, cfg: Config, classes: list[str], env: dict[str, Any]) -> None:
         self._classes = list(classes)
+        self._git_commit = env.get("git_commit")
+        kwargs = tracking.init_kwargs(self._cfg, self._mode, self._run_dir)
+        if self._job_type:
+            kwargs["wandb"]["job_type"] = self._job_type
         self._accelerator.init_trackers(
-            self._cfg.project,
-            config=tracking.run_config(cfg, env, self._classes),
-            init_kwargs=tracking.init_kwargs(self._cfg, self._mode, self._run_dir),
+            self._cfg.project, config=tracking.run_config(cfg, env, self._classes), init_kwargs=kwargs
         )
         if self._mode == "offline":
             self._say(
@@ -130,6 +192,36 @@ class WandbSink:
 
     def log_event(self, record: Record) -> None:
         pass  # start, resume and stopped rows have no W&B chart; W&B keeps its own run start and end
+
+    def log_media(self, step: int, media: Media) -> None:
+        """At the step of the last row, so they merge into it: a lower step would be dropped, a step-less call too."""
+        import wandb
+        from PIL import Image
+
+        def image(p: Picture):
+            return wandb.Image(Image.open(io.BytesIO(p.data)), caption=p.caption or None)
+
+        values: dict[str, Any] = {
+            key: wandb.Table(
+                columns=list(t.columns),
+                data=[[image(c) if isinstance(c, Picture) else c for c in row] for row in t.rows],
+            )
+            for key, t in media.tables.items()
+        }
+        values.update({key: image(p) for key, p in media.images.items()})
+        if values:
+            self._accelerator.log(values, step=step)
+
+    def log_checkpoint(self, landed: Landed) -> None:
+        """Per tracking.artifacts (artifacts.py). A W&B failure is a warning: the checkpoint is on disk, training goes on.
+
+        On the writer thread: the run waits for it (CheckpointManager.wait) before it closes W&B, stopped or not."""
+        for kind, uploaded in artifacts.to_log(landed, self._cfg.artifacts):
+            try:
+                artifact = artifacts.build(landed, kind, self._run().id, self._git_commit)
+                self._run().log_artifact(artifact, aliases=artifacts.aliases(landed, uploaded))
+            except Exception as exc:  # wandb raises many kinds; none should end a run whose checkpoint has landed
+                self._say(f"warning: W&B did not take {landed.step_file.name} as a {kind} artifact: {exc}")
 
     def finish(self, record: Record | None) -> None:
         if record is not None:

@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, is_compiled_module
 
-from . import checkpoint_file, errors, resume_check
+from . import checkpoint_file, errors, mistakes, resume_check
 from .checkpointing import CheckpointManager, Claim, Position, Progress, default_run_name
 from .config import Config, ConfigError
 from .data.audit import write_samples
@@ -94,7 +94,7 @@ def setup(
     resume_note = {"overrides": overrides, "changed": resume_changes, "forced": force} if claim.resume_from else None
     _record_start(cfg, accelerator, data, parts, rec, ckpt, claim, progress.position, resume_note)
     if progress.note:
-        rec.print(f"warning: {progress.note}")
+        rec.print(progress.note)
     return Trainer(
         cfg=cfg,
         accelerator=accelerator,
@@ -239,6 +239,7 @@ class Trainer:
     ):
         self.cfg, self.accelerator, self.parts, self.classes = cfg, accelerator, parts, classes
         self.rec, self.ckpt, self.signals, self.progress = rec, ckpt, signals, progress
+        ckpt.on_landed = rec.checkpoint  # each checkpoint, once on disk, to the sinks (W&B artifacts)
         self.layout = parts.layout
         self.dog = Watchdog(cfg.train.watchdog, accelerator.process_index)
         # The model itself, without DDP's or torch.compile's wrapper: a compiled module's
@@ -446,6 +447,12 @@ class Trainer:
             self.rec.print(
                 f"best val accuracy {best['val_acc']:.4f} at epoch {best['epoch'] + 1}; run folder {self.ckpt.run_dir}"
             )
+            split = self.parts.val_loader.split  # pictures of the final weights: the report's plots, the val mistakes
+            self.rec.log_media(
+                lambda plots: mistakes.of_run(self.cfg, self.ckpt.run_dir, self.bare, split, self.accelerator, plots)
+            )
+            # The other ranks wait for the main process's pass: the process group is torn down by all at once.
+            self.accelerator.wait_for_everyone()
             self.rec.finish(
                 {
                     "best_val_acc": best["val_acc"],

@@ -41,6 +41,8 @@ TINY = [
     "data.scale=[0.08,1.0]",
     "data.rotation=15",
     "data.color_jitter=0.2",
+    "tracking.mistakes=0",  # the end-of-run pass over val for report/mistakes.html: tested once, in test_mistakes.py
+    "tracking.artifacts=none",  # an offline W&B run would stage each best.pt (90 MB): tested in test_artifacts.py
 ]
 
 

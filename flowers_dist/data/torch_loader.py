@@ -85,7 +85,11 @@ class ImageFiles(Dataset):
             source = io.BytesIO(self.reader.read(self.split.members[index])) if self.split.packed else path
             image = load_rgb(source, self.max_pixels)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-            log.warning("skipping unreadable image %s: %s", path, exc)
+            if self.split.packed:  # the shard, not the name of a file that is not on disk
+                member = self.split.members[index]
+                log.warning("skipping unreadable sample %s in %s: %s", member.key, member.shard, exc)
+            else:
+                log.warning("skipping unreadable image %s: %s", path, exc)
             return None
         # fork_rng keeps the worker's global generator untouched; the seed alone decides.
         with torch.random.fork_rng(devices=[]):
@@ -144,6 +148,7 @@ class TorchLoader:
         image_size: int,
     ):
         self.batches = batches
+        self.split = dataset.split
         self.names = dataset.split.name
         self.yielded = 0  # micro-batches handed out since set_epoch
         self.normalize = normalize
