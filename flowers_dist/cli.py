@@ -1,4 +1,4 @@
-"""The `flowers-dist` command line: train, eval, predict, report, bench, data fetch, check and pack."""
+"""The `flowers-dist` command line: train, sweep, eval, predict, report, bench, data fetch, check and pack."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="flowers-dist", description="Distributed image-classification training (flowers)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_predict, _add_report, _add_bench, _add_data):
+    for add in (_add_train, _add_sweep, _add_eval, _add_predict, _add_report, _add_bench, _add_data):
         add(sub)
     return parser
 
@@ -51,6 +51,18 @@ def _add_train(sub) -> None:
         "--force", action="store_true", help="resume even with overrides that change what the run computes"
     )
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+def _add_sweep(sub) -> None:
+    from .sweep import add_arguments
+
+    add_arguments(
+        sub.add_parser(
+            "sweep",
+            help="a grid or random search over config keys: runs one after another, or one SLURM job array",
+            description="Expand SPEC.yaml into a sweep folder of runs and run the unfinished ones (docs/cluster.md#sweeps).",
+        )
+    )
 
 
 def _add_eval(sub) -> None:
@@ -95,13 +107,19 @@ def _add_predict(sub) -> None:
 
 def _add_report(sub) -> None:
     rep = sub.add_parser("report", help="plots and a summary of a run (finished or not) from its metrics.jsonl")
-    rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rep.add_argument("run_dir", type=Path, metavar="RUN_DIR", nargs="?")
+    rep.add_argument(
+        "--compare",
+        type=Path,
+        metavar="SWEEP_DIR",
+        help="instead: a sweep's runs side by side (SWEEP_DIR/compare.md, .csv, .png) and its best config",
+    )
 
 
 def _add_bench(sub) -> None:
     bench = sub.add_parser(
         "bench",
-        help="measure loader, model step, training loop or scaling, and say where the time goes",
+        help="measure loader, model step, training loop or scaling, and say where the time goes; time to accuracy (tta)",
         description="Benchmark one part of training with a YAML config; extra arguments section.key=value override it.",
     )
     from .bench import add_arguments
@@ -179,11 +197,26 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    if (args.run_dir is None) == (args.compare is None):
+        raise ConfigError("report needs RUN_DIR or --compare SWEEP_DIR (one of the two)")
+    if args.compare is not None:
+        from .report import write_compare
+
+        files, text = write_compare(args.compare)
+        print(text, end="")
+        print(f"wrote {', '.join(str(f) for f in files)}")
+        return
     from .report import write_report
 
     files, text = write_report(args.run_dir)
     print(text, end="")
     print(f"wrote {len(files)} files to {args.run_dir / 'report'}")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import main as run_sweep
+
+    return run_sweep(args)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -214,7 +247,15 @@ def _data(args: argparse.Namespace) -> int | None:
 
 
 # Each command's runner; one that returns an int sets the exit code (data check's 0/1/2), None means 0.
-_COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "report": _report, "bench": _bench, "data": _data}
+_COMMANDS = {
+    "train": _train,
+    "sweep": _sweep,
+    "eval": _eval,
+    "predict": _predict,
+    "report": _report,
+    "bench": _bench,
+    "data": _data,
+}
 
 
 def _error_exit(exc: Exception) -> int:

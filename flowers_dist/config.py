@@ -291,6 +291,8 @@ class TrackingConfig:
     """W&B run tags."""
     group: str = ""
     """W&B run group (e.g. one sweep or one comparison); empty = none."""
+    job_type: str = ""
+    """W&B job_type of the run (`flowers-dist sweep` sets `sweep`); empty = W&B's default."""
     target_accuracy: float = 0.92
     """Report the time at which val accuracy first reaches this (time-to-accuracy)."""
     mistakes: int = 64

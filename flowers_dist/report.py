@@ -208,3 +208,117 @@ def write_report(run_dir: Path) -> tuple[list[Path], str]:
     (run_dir / "report" / "summary.txt").write_text(text)
     written.append(run_dir / "report" / "summary.txt")
     return written, text
+
+
+# -- `report --compare SWEEP_DIR`: a sweep's runs side by side ----------------------------------------------------
+def compare_rows(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """The config keys that vary across the sweep, and one row per run: its values, status and results."""
+    from . import sweep as sweeps
+
+    plan = sweeps.load(sweep_dir)
+    varying = [k for k in plan.runs[0].params if len({json.dumps(r.params[k]) for r in plan.runs}) > 1]
+    rows = []
+    for run in plan.runs:
+        folder = sweeps.run_dir(Path(sweep_dir), run)
+        row: dict[str, Any] = {"run": run.name, **{k: run.params[k] for k in varying}}
+        row.update(_run_results(folder))
+        rows.append(row)
+    return varying, rows
+
+
+def _run_results(run_dir: Path) -> dict[str, Any]:
+    """Status, best val accuracy, lowest val loss, time to target and mean images/s of one run (blank before it starts)."""
+    blank = {"status": "not started", "epochs": 0, "best_val_acc": None, "min_val_loss": None}
+    if not metrics_log.path_of(run_dir).is_file():
+        return {**blank, "time_to_target": None, "images_per_s": None, "val_curve": []}
+    m = read_metrics(run_dir)
+    epochs, target = m["epochs"], _target(run_dir, m)
+    hit = next((r for r in epochs if target is not None and r["val_acc"] >= target), None)
+    return {
+        "status": "finished" if m["end"] else "unfinished",
+        "epochs": len(epochs),
+        "best_val_acc": max((r["val_acc"] for r in epochs), default=None),
+        "min_val_loss": min((r["val_loss"] for r in epochs), default=None),
+        "time_to_target": hit["elapsed"] if hit else None,
+        "images_per_s": sum(r["images_per_s"] for r in epochs) / len(epochs) if epochs else None,
+        "val_curve": [(r["epoch"] + 1, r["val_acc"]) for r in epochs],
+        "target": target,
+    }
+
+
+def best_row(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The run the sweep's metric names best (val_acc: highest; val_loss, time_to_target: lowest); None before any
+    run has a value. Ties go to the lower index."""
+    key = {"val_acc": "best_val_acc", "val_loss": "min_val_loss", "time_to_target": "time_to_target"}[metric]
+    scored = [r for r in rows if r[key] is not None]
+    if not scored:
+        return None
+    sign = -1 if metric == "val_acc" else 1
+    return min(scored, key=lambda r: sign * r[key])
+
+
+COMPARE_COLUMNS = ("status", "epochs", "best_val_acc", "min_val_loss", "time_to_target", "images_per_s")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 100 else f"{value:.0f}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def compare_markdown(varying: list[str], rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
+    columns = ["run", *varying, *COMPARE_COLUMNS]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        mark = " (best)" if row is best else ""
+        lines.append("| " + " | ".join(_cell(row[c]) + (mark if c == "run" else "") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, varying: list[str], rows: list[dict[str, Any]]) -> Path:
+    import csv
+
+    columns = ["run", *varying, *COMPARE_COLUMNS]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row[c] is None else row[c] for c in columns])
+    return path
+
+
+def _compare_figure(varying: list[str], rows: list[dict[str, Any]], best: dict[str, Any] | None):
+    """Val accuracy per epoch, one line per run, labelled by its varying values; the best run drawn thicker."""
+    fig, ax = _pyplot().subplots(figsize=(8, 5))
+    for row in rows:
+        if not row["val_curve"]:
+            continue
+        x, y = zip(*row["val_curve"])
+        label = row["run"] + ("" if not varying else ": " + ", ".join(f"{k}={_cell(row[k])}" for k in varying))
+        ax.plot(x, y, "o-", lw=3 if row is best else 1.2, label=label + (" (best)" if row is best else ""))
+    ax.set(xlabel="epoch", ylabel="val accuracy", title="val accuracy per run", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def write_compare(sweep_dir: Path) -> tuple[list[Path], str]:
+    """Write SWEEP_DIR/compare.md, compare.csv and compare.png; returns the files and the text (table and best)."""
+    from . import sweep as sweeps
+
+    sweep_dir = Path(sweep_dir)
+    metric = sweeps.load(sweep_dir).metric
+    varying, rows = compare_rows(sweep_dir)
+    best = best_row(rows, metric)
+    text = compare_markdown(varying, rows, best)
+    if best is None:
+        text += f"\nbest ({metric}): none yet (no run has recorded an epoch)\n"
+    else:
+        values = ", ".join(f"{k}={_cell(best[k])}" for k in varying) or "the only config"
+        text += f"\nbest ({metric}): {best['run']} ({values}): best val accuracy {_cell(best['best_val_acc'])}\n"
+    (sweep_dir / "compare.md").write_text(text)
+    written = [sweep_dir / "compare.md", _write_csv(sweep_dir / "compare.csv", varying, rows)]
+    written.append(_save(_compare_figure(varying, rows, best), sweep_dir / "compare.png"))
+    return written, text

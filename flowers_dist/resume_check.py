@@ -49,6 +49,7 @@ HARMLESS = {
     "tracking.entity",
     "tracking.tags",
     "tracking.group",
+    "tracking.job_type",
     "tracking.target_accuracy",
     "tracking.mistakes",
     "tracking.artifacts",

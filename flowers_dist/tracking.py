@@ -75,6 +75,8 @@ def init_kwargs(cfg: TrackingConfig, mode: str, run_dir: Path) -> dict[str, Any]
     }
     if cfg.group:
         kwargs["group"] = cfg.group
+    if cfg.job_type:
+        kwargs["job_type"] = cfg.job_type
     if cfg.entity:
         kwargs["entity"] = cfg.entity
     return {"wandb": kwargs}

@@ -3,6 +3,7 @@
 Every mode excludes warm-up, synchronises the device before reading a clock, repeats, and
 reports the median with its range; it prints a table and writes every figure, with the machine,
 the versions and the config, to a JSON file (`--out`, default runs/bench-<mode>-<time>/bench.json).
+`tta` (tta.py) is the exception: it times whole `train` runs of several configs to a target val accuracy.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 
-MODES = ("loader", "step", "train", "scaling", "startup")
+MODES = ("loader", "step", "train", "scaling", "startup", "tta")
 if TYPE_CHECKING:
     import torch
 
@@ -25,14 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "mode",
         choices=MODES,
         help="loader: DALI vs PyTorch vs decode only; step: model step vs matmul peak; "
-        "train: the loop's time split; scaling: train on 1..N processes; startup: time to the first step",
+        "train: the loop's time split; scaling: train on 1..N processes; startup: time to the first step; "
+        "tta: time to a target val accuracy, per config, by real train runs",
     )
-    parser.add_argument("--config", type=Path, required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        required=True,
+        help="YAML config (configs/*.yaml); tta: one per config to compare (--config A --config B)",
+    )
     parser.add_argument(
         "--out", type=Path, help="JSON result file (default runs/bench-<mode>-<time>/bench.json under train.output_dir)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=3, help="loader/step/startup: timed repeats (median and range reported)"
+        "--repeats",
+        type=int,
+        help="loader/step/startup: timed repeats (default 3; median and range reported); "
+        "tta: runs per config, interleaved, seeds train.seed + 0..K-1 (default 1; medians reported)",
     )
     parser.add_argument(
         "--epochs", type=int, default=1, help="loader: timed epochs per repeat, after one warm-up epoch"
@@ -62,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--matmul-size", type=int, default=2048, help="step: side of the square matmul that sets the peak"
     )
     parser.add_argument("--max-processes", type=int, default=2, help="scaling: world sizes 1..N")
+    parser.add_argument(
+        "--target", type=float, action="append", help="tta: val accuracy in [0, 1] to time (e.g. 0.7); repeatable"
+    )
+    parser.add_argument("--nprocs", type=int, default=1, help="tta: processes per run (accelerate launch above 1)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
@@ -254,6 +269,15 @@ def run(args: argparse.Namespace) -> Path | None:
     """Run one mode; returns the JSON file written (None on the non-main processes of `train`)."""
     from .. import config as config_module
 
+    if args.repeats is None:
+        args.repeats = 1 if args.mode == "tta" else 3
+    if args.mode == "tta":
+        from .tta import run as run_tta
+
+        return run_tta(args)
+    if len(args.config) > 1:
+        raise config_module.ConfigError(f"bench {args.mode} takes one --config (several are for bench tta)")
+    args.config = args.config[0]
     cfg = config_module.load(args.config, args.overrides)
     if args.mode == "train":
         return _run_train(args, cfg)
