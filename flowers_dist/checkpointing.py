@@ -197,11 +197,12 @@ class CheckpointManager:
         config: dict[str, Any],
         classes: list[str],
         scaler: Any = None,
+        ema: Any = None,
     ) -> dict[str, Any]:
         """The checkpoint of the run at `progress.position`; rank_sums and loader_states hold every rank's.
 
         `scaler`: fp16's GradScaler, whose loss scale a resume must continue from (a fresh one restarts
-        at 65,536 and skips the first steps finding the scale again).
+        at 65,536 and skips the first steps finding the scale again). `ema`: model.ema's ModelEmaV3, or None.
         """
         pos = progress.position
         return {
@@ -220,6 +221,7 @@ class CheckpointManager:
             "loader_states": loader_states,
             "epoch_sums": rank_sums,
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.module.state_dict() if ema is not None else None,
         }
 
     def restore(
@@ -230,12 +232,21 @@ class CheckpointManager:
         rank: int,
         world: int,
         scaler: Any = None,
+        ema: Any = None,
     ) -> Progress:
-        """Load weights, optimizer, generators (and fp16's loss scale); return where training continues.
+        """Load weights, optimizer, generators (and fp16's loss scale, model.ema's average); return where training
+        continues.
 
-        `state` is one that `state()` wrote (checkpoint_file.load has checked its header, digest and format)."""
+        `state` is one that `state()` wrote (checkpoint_file.load has checked its header, digest and format).
+        A checkpoint without an average (saved with model.ema off: resume_check let it through only forced)
+        starts the average from its weights, and the resume says so."""
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        fresh_ema = ema is not None and state.get("ema") is None
+        if fresh_ema:
+            ema.set(model)
+        elif ema is not None:
+            ema.module.load_state_dict(state["ema"])
         if scaler is not None and state["scaler"] is not None:  # None: the run was saved without fp16
             scaler.load_state_dict(state["scaler"])
         checkpoint_file.set_rng_state(state["rng"])
@@ -254,6 +265,9 @@ class CheckpointManager:
                 progress.epoch_sums = sums[rank]
             else:  # the epoch's totals are what count: give them to rank 0
                 progress.epoch_sums = [sum(col) for col in zip(*sums)] if rank == 0 else [0.0] * len(sums[0])
+        if fresh_ema:
+            fresh = "note: the checkpoint holds no weight average (model.ema); the average starts from its weights"
+            progress.note = f"{progress.note}\n{fresh}" if progress.note else fresh
         return progress
 
     # -- when checkpoints are written --------------------------------------------------------

@@ -105,9 +105,13 @@ class ModelConfig:
     sync_bn: Literal["off", "on", "auto"] = "auto"
     """BatchNorm statistics over the global batch instead of each process's share (sync_bn.py); `auto`:
     when several processes each hold fewer than 16 images per micro-batch."""
+    ema: float = 0.0
+    """Lever: decay of an exponential moving average of the weights (timm's ModelEmaV3, updated after every optimizer
+    step, buffers included), evaluated beside the weights (`val_acc_ema`) and checkpointed; 0 = off, e.g. 0.999."""
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "model.name", "must not be empty")
+        _check(0 <= self.ema < 1, "model.ema", f"must be in [0, 1) (0 = off), got {self.ema}")
         _check(bool(self.pretrained.strip()), "model.pretrained", "must be imagenet, none or a file path")
 
 
@@ -135,6 +139,13 @@ class OptimConfig:
     """`linear`: the rate used is lr x train.global_batch_size / optim.reference_batch_size (Goyal et al. 2017)."""
     reference_batch_size: int = 32
     """The global batch optim.lr was tuned for (the recipe's 32); used by optim.lr_scaling=linear."""
+    label_smoothing: float = 0.0
+    """Lever: cross-entropy label smoothing of the training loss (torch's); `train_loss` is the smoothed loss, the
+    evaluation loss stays unsmoothed; 0 = off."""
+    no_decay_norm_bias: bool = False
+    """Lever: no weight decay on norm weights and biases (timm's param_groups_weight_decay: 1-d tensors and `.bias`)."""
+    head_lr_mult: float = 1.0
+    """Lever: the classifier head's (timm's get_classifier()) learning rate is the schedule's x this; 1 = off."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -155,6 +166,12 @@ class OptimConfig:
             f"must be >= 1, got {self.reference_batch_size}",
         )
         _check(not self.nesterov or self.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
+        _check(
+            0 <= self.label_smoothing < 1,
+            "optim.label_smoothing",
+            f"must be in [0, 1) (0 = off), got {self.label_smoothing}",
+        )
+        _check(self.head_lr_mult > 0, "optim.head_lr_mult", f"must be > 0 (1 = off), got {self.head_lr_mult}")
 
 
 @dataclass
@@ -205,6 +222,8 @@ class TrainConfig:
     record_samples: bool = False
     """Audit: write, per epoch and rank, the samples trained (a pack's keys, a folder's relative paths) to
     <run>/samples/epoch-EEE.rank-R.from-SSSSSS.txt (one file per part of an epoch a process trained, from step S)."""
+    eval_hflip_tta: bool = False
+    """Lever: evaluation averages the logits of each image and its horizontal flip (on the batch: both loaders)."""
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -323,6 +342,25 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+
+LEVERS: dict[str, Any] = {
+    "optim.label_smoothing": 0.0,
+    "optim.no_decay_norm_bias": False,
+    "optim.head_lr_mult": 1.0,
+    "optim.schedule": "step",
+    "optim.warmup_epochs": 0,
+    "optim.warmup_steps": 0,
+    "model.ema": 0.0,
+    "train.eval_hflip_tta": False,
+}
+"""The time-to-accuracy levers (issue 19) and their off values, the seed recipe's: what a run's record lists as on."""
+
+
+def levers_on(cfg: Config) -> dict[str, Any]:
+    """The levers this config turns on, as {dotted key: value} (environment.json, the start line, bench's JSON)."""
+    values = {f"{section}.{key}": v for section, keys in cfg.to_dict().items() for key, v in keys.items()}
+    return {key: values[key] for key, off in LEVERS.items() if values[key] != off}
 
 
 def _check(ok: bool, key: str, message: str) -> None:

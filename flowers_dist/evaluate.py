@@ -19,10 +19,12 @@ def local_counts(
     num_classes: int,
     device: torch.device,
     on_batch: Callable[[], None] | None = None,
+    hflip_tta: bool = False,
 ) -> torch.Tensor:
     """Summed loss, then the confusion matrix (row = true, column = predicted), for this process's shard.
 
-    `on_batch` is called after each batch (the training loop's watchdog heartbeat).
+    `on_batch` is called after each batch (the training loop's watchdog heartbeat). `hflip_tta`
+    (train.eval_hflip_tta) scores the mean of the logits of each image and of its mirror image.
     Returned as one flat float64 tensor so the caller can sum it over processes in one call;
     float64 keeps counts exact far past any data-set size.
     """
@@ -33,6 +35,8 @@ def local_counts(
         if labels.numel() == 0:
             continue  # a shard's last batch can be empty; skipping it is safe since nothing here is collective
         logits = model(images).float()
+        if hflip_tta:  # on the batch tensor (N, C, H, W), so any loader's batches get it
+            logits = (logits + model(images.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         # index_add_, not bincount: CUDA's bincount reads the largest index back to the host (a sync per batch).
         cells = labels * num_classes + logits.argmax(1)

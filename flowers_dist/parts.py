@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from timm.utils import ModelEmaV3
 
 from . import sync_bn
-from .config import Config, ConfigError, DataConfig, TrainConfig
+from .config import Config, ConfigError, DataConfig, TrainConfig, levers_on
 from .data import BatchLoader, Split, build_loader, stage
 from .data.contract import ReaderState
 from .data.usable import Skipped, shared, usable_splits
@@ -148,14 +149,19 @@ class Parts:
     val_loader: BatchLoader
     sync_bn: bool
     sync_bn_why: str
+    ema: ModelEmaV3 | None = None
+    """model.ema's moving average of the weights (its `.module` is evaluated and saved), or None."""
+    levers: dict = field(default_factory=dict)
+    """The time-to-accuracy levers the config turns on (config.levers_on)."""
 
     def choices(self) -> dict:
-        """What the config's automatic choices became (environment.json, the W&B config, bench's JSON)."""
+        """What the config's automatic choices became, and the levers on (environment.json, the W&B config, bench's JSON)."""
         return {
             "loader": self.train_loader.kind,
             "micro_batch_size": self.layout.micro_batch,
             "grad_accum_steps": self.layout.accum,
             "sync_bn": self.sync_bn,
+            "levers": self.levers,
         }
 
 
@@ -164,11 +170,11 @@ def build_parts(
     accelerator: Accelerator,
     data: CheckedData,
     layout: BatchLayout,
-    load: Callable[[torch.nn.Module, torch.optim.Optimizer], str | None] | None = None,
+    load: Callable[[torch.nn.Module, torch.optim.Optimizer, ModelEmaV3 | None], str | None] | None = None,
 ) -> Parts:
     """Model, optimizer and loaders as the config asks, in the order they must be made.
 
-    `load(model, optimizer)` runs before `prepare` (a checkpoint fits the bare model) and returns
+    `load(model, optimizer, ema)` runs before `prepare` (a checkpoint fits the bare model) and returns
     this rank's saved loader state, or None; `train` passes its resume there.
     """
     set_seed(cfg.train.seed)  # same new-head initialisation on every rank
@@ -179,13 +185,17 @@ def build_parts(
         model, converted = sync_bn.convert(model)
         why += f"; {converted} BatchNorm layers synchronised"
     optimizer = build_optimizer(cfg.optim, model, fused=accelerator.device.type == "cuda")
-    loader_state = load(model, optimizer) if load is not None else None
+    # A copy of the bare model (after sync_bn, before DDP): the same on every rank, restored with the checkpoint.
+    ema = ModelEmaV3(model, decay=cfg.model.ema) if cfg.model.ema else None
+    loader_state = load(model, optimizer, ema) if load is not None else None
     model, optimizer = accelerator.prepare(model, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)  # prepare moved the model; the average lives beside it
     eval_model = evaluation_model(
         model, accelerator.unwrap_model(model, keep_torch_compile=False), accelerator.state.dynamo_plugin.to_kwargs()
     )
     train_loader, val_loader = build_loaders(cfg, accelerator, data, layout, loader_state)
-    return Parts(layout, model, optimizer, eval_model, train_loader, val_loader, use_sync_bn, why)
+    return Parts(layout, model, optimizer, eval_model, train_loader, val_loader, use_sync_bn, why, ema, levers_on(cfg))
 
 
 def build_loaders(

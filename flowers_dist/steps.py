@@ -11,12 +11,16 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_compiled_module
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
 
 from .config import OptimConfig
+from .errors import ConfigError
 
 # Layout of an epoch's running sums, one float64 device tensor so that one reduce sums them all:
 # loss x n, correct, n. At the epoch's end the loop appends THIS_ATTEMPT, the n trained by this
@@ -32,8 +36,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def param_groups(cfg: OptimConfig, model: torch.nn.Module) -> list[dict[str, Any]] | Iterator[torch.nn.Parameter]:
+    """The optimizer's parameters: model.parameters() as they are (one group, the seed recipe's) unless a lever
+    splits them.
+
+    optim.no_decay_norm_bias: timm's param_groups_weight_decay (no decay on 1-d tensors and biases, and on the
+    model's own no_weight_decay() names). optim.head_lr_mult: the classifier head (timm's get_classifier())
+    gets groups of its own carrying `lr_scale`, which optimizer_step multiplies into the schedule's rate.
+    """
+    if not cfg.no_decay_norm_bias and cfg.head_lr_mult == 1.0:
+        return model.parameters()  # the seed's single group, in the order older checkpoints hold
+    if cfg.no_decay_norm_bias:
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if cfg.head_lr_mult == 1.0:
+        return groups
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, torch.nn.Module) else set()
+    if not head_ids:
+        raise ConfigError(f"config key 'optim.head_lr_mult': the model ({type(model).__name__}) has no classifier head")
+    split = []
+    for group in groups:
+        body = [p for p in group["params"] if id(p) not in head_ids]
+        own = [p for p in group["params"] if id(p) in head_ids]
+        split += [{**group, "params": body}] if body else []
+        split += [{**group, "params": own, "lr_scale": cfg.head_lr_mult}] if own else []
+    return split
+
+
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD as the config sets it; the learning rate is overwritten before each step from schedule.lr_at_step.
+    """SGD as the config sets it; the learning rate is overwritten before each step from schedule.lr_at_step
+    (times each group's `lr_scale`, see param_groups).
 
     fused=True (pass it on CUDA) updates all parameters in one kernel, and is what keeps fp16
     free of a host sync: GradScaler.step() reads `found_inf` with .item() before a plain
@@ -41,7 +76,7 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, fused: bool = Fals
     _step_supports_amp_scaling (fused SGD does), whose kernel skips the update itself.
     """
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        param_groups(cfg, model),
         lr=cfg.lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
@@ -60,14 +95,26 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, fused: bool = Fals
     return optimizer
 
 
-def batch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy as sum / n: the same value for n > 0, and 0 (with zero gradients) for a rank's
-    empty batch (every file unreadable), where the mean would be NaN and poison every rank through the all-reduce."""
-    return F.cross_entropy(logits.float(), labels, reduction="sum") / max(labels.numel(), 1)
+    empty batch (every file unreadable), where the mean would be NaN and poison every rank through the all-reduce.
+
+    label_smoothing (optim.label_smoothing, torch's): the target is 1 - s on the label plus s / classes everywhere.
+    """
+    return F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing) / max(
+        labels.numel(), 1
+    )
 
 
 def micro_step(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, backward, accum: int, syncs: bool, no_sync
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    backward,
+    accum: int,
+    syncs: bool,
+    no_sync,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of one of the `accum` micro-batches of an optimizer step; gradients add up in .grad.
 
@@ -80,7 +127,7 @@ def micro_step(
     """
     with nullcontext() if syncs else no_sync(model):
         logits = model(images)
-        loss = batch_loss(logits, labels)
+        loss = batch_loss(logits, labels, label_smoothing)
         backward(loss / accum if accum > 1 else loss)
     return logits, loss
 
@@ -132,23 +179,31 @@ def optimizer_step(
     clock: LoaderClock,
     beat: Callable[[], None] = lambda: None,
     sync_gradients: bool = True,
+    label_smoothing: float = 0.0,
+    ema: ModelEmaV3 | None = None,
 ) -> None:
     """One optimizer step of the run: `accum` micro-batches from `batches`, the learning rate `lr`, the update.
 
     `sums` (LOSS_SUM, CORRECT, COUNT) gains each micro-batch's step_counts. sync_gradients=False runs
     the last micro-batch under no_sync too (no all-reduce): `bench train` times that to find what
     communication costs. `beat` tells the hang watchdog after each micro-batch that the rank lives.
+    Each parameter group's rate is `lr` x its `lr_scale` (optim.head_lr_mult's groups); `ema`
+    (model.ema) averages the updated weights in, on every rank (DDP keeps the parameters equal).
     """
     for micro in range(accum):
         images, labels = clock.next(batches)
         last = micro == accum - 1
-        logits, loss = micro_step(model, images, labels, backward, accum, last and sync_gradients, no_sync)
+        logits, loss = micro_step(
+            model, images, labels, backward, accum, last and sync_gradients, no_sync, label_smoothing
+        )
         sums += step_counts(loss, logits, labels)
         beat()
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # host-only (set_to_none)
+    if ema is not None:
+        ema.update(model)  # by state-dict order, so a DDP or compiled wrapper's prefixed names do not matter
 
 
 def one_batch_step(

@@ -124,6 +124,12 @@ def epoch_values(record: dict[str, Any], classes: list[str]) -> dict[str, Any]:
         "perf/epoch_time": record["epoch_time"],
         "perf/epoch_images_per_s": record["images_per_s"],
         **{f"val/accuracy_{name}": acc for name, acc in record["val_per_class"].items()},
+        # model.ema: the averaged weights' evaluation, beside the trained weights'
+        **(
+            {"val/accuracy_ema": record["val_acc_ema"], "val/loss_ema": record["val_loss_ema"]}
+            if "val_acc_ema" in record
+            else {}
+        ),
     }
     # wandb.plot.confusion_matrix wants one (true, predicted) pair per sample; expand the counts.
     y_true, preds = [], []

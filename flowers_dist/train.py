@@ -79,10 +79,10 @@ def setup(
             ckpt.run_dir, accelerator.is_main_process, cfg.train.progress, accelerator, cfg.tracking, wandb_mode
         )
 
-        def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+        def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema=None) -> str | None:
             nonlocal progress, resume_changes
             progress, resume_changes = restore(
-                cfg, Path(claim.resume_from), ckpt, data.classes, model, optimizer, accelerator, force
+                cfg, Path(claim.resume_from), ckpt, data.classes, model, optimizer, accelerator, force, ema
             )
             rec.continue_clock(progress.elapsed)
             return progress.loader_state
@@ -146,6 +146,7 @@ def _record_start(
             if is_compiled_module(parts.model)
             else ""
         )
+        + ("; levers " + ", ".join(f"{k}={v}" for k, v in parts.levers.items()) if parts.levers else "")
         + (
             f"; resumed from {Path(claim.resume_from).name} at epoch {pos.epoch + 1} step {pos.step}"
             if claim.resume_from
@@ -163,6 +164,7 @@ def restore(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     force: bool,
+    ema=None,
 ) -> tuple[Progress, dict]:
     """Load a checkpoint into the (not yet prepared) model and optimizer.
 
@@ -177,9 +179,15 @@ def restore(
     changes = resume_check.check(state["config"], cfg.to_dict(), force)
     try:
         progress = ckpt.restore(
-            state, model, optimizer, accelerator.process_index, accelerator.num_processes, scaler=accelerator.scaler
+            state,
+            model,
+            optimizer,
+            accelerator.process_index,
+            accelerator.num_processes,
+            scaler=accelerator.scaler,
+            ema=ema,
         )
-    except RuntimeError as exc:  # only with --force: a model or optimizer the checkpoint does not fit
+    except (RuntimeError, ValueError) as exc:  # only with --force: a model or optimizer (groups) it does not fit
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch's: a title, then the misfits
         raise errors.CheckpointError(
             f"{path} does not fit this config (model.name={cfg.model.name}): {(lines[1:] or lines or ['?'])[0][:200]}"
@@ -307,6 +315,8 @@ class Trainer:
                 no_sync=self.accelerator.no_sync,
                 clock=clock,
                 beat=self.dog.beat,
+                label_smoothing=self.cfg.optim.label_smoothing,
+                ema=self.parts.ema,
             )
             self.ckpt.check()  # a failed background write (full disk) is reported at once
             if step % cfg.log_every == 0 or step == steps:
@@ -334,6 +344,8 @@ class Trainer:
 
     def save(self, position: Position, sums: torch.Tensor, is_best: bool = False) -> None:
         """Every rank: gather the per-rank parts (a collective), then the main process writes in the background."""
+        if self.parts.ema is not None:  # each rank averaged its own BatchNorm statistics in: save their mean
+            average_buffers(self.parts.ema.module, self.accelerator)
         rank_sums = gather_object([sums[: COUNT + 1].tolist()])
         loader_states = gather_object([self.parts.train_loader.resume_state()])
         self.progress.elapsed = self.rec.elapsed()
@@ -348,6 +360,7 @@ class Trainer:
             config=self.cfg.to_dict(),
             classes=self.classes,
             scaler=self.accelerator.scaler,
+            ema=self.parts.ema,
         )
         self.ckpt.save(state, position.epoch * self.layout.steps_per_epoch + position.step, is_best)
 
@@ -384,6 +397,7 @@ class Trainer:
         cfg = self.cfg
         totals = self.accelerator.reduce(sums, reduction="sum").cpu()
         val, eval_time = self.evaluate()
+        val_ema = self.evaluate_ema()
         best = self.progress.best
         is_best = val.accuracy > best["val_acc"]
         if is_best:
@@ -410,11 +424,14 @@ class Trainer:
             "epoch_time": train_time + eval_time,
             "elapsed": elapsed,
         }
+        if val_ema is not None:
+            record.update(val_loss_ema=val_ema.loss, val_acc_ema=val_ema.accuracy)
         self.rec.log_epoch(record)
         self.rec.print(
             f"epoch {epoch + 1:>3}/{cfg.train.epochs}  lr {record['lr']:.2e}  train loss {record['train_loss']:.4f} "
             f"acc {record['train_acc']:.4f}  val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
             f"{record['images_per_s']:.1f} img/s  {record['epoch_time']:.1f}s"
+            + (f"  ema val acc {val_ema.accuracy:.4f}" if val_ema is not None else "")
         )
         # Written in the background; the ranks stay in step through the next epoch's all-reduces.
         self.save(Position(epoch + 1, 0), torch.zeros(3, dtype=torch.float64), is_best)
@@ -431,10 +448,32 @@ class Trainer:
         average_buffers(self.bare, self.accelerator)
         with self.accelerator.autocast():
             counts = local_counts(
-                self.parts.eval_model, self.parts.val_loader, len(self.classes), self.device, on_batch=self.dog.beat
+                self.parts.eval_model,
+                self.parts.val_loader,
+                len(self.classes),
+                self.device,
+                on_batch=self.dog.beat,
+                hflip_tta=self.cfg.train.eval_hflip_tta,
             )
         val = EvalResult.from_counts(self.accelerator.reduce(counts, reduction="sum"), len(self.classes))
         return val, time.perf_counter() - start
+
+    def evaluate_ema(self) -> EvalResult | None:
+        """model.ema: exact validation accuracy of the weight average (its BatchNorm statistics averaged over ranks)."""
+        ema = self.parts.ema
+        if ema is None:
+            return None
+        average_buffers(ema.module, self.accelerator)
+        with self.accelerator.autocast():
+            counts = local_counts(
+                ema.module,
+                self.parts.val_loader,
+                len(self.classes),
+                self.device,
+                on_batch=self.dog.beat,
+                hflip_tta=self.cfg.train.eval_hflip_tta,
+            )
+        return EvalResult.from_counts(self.accelerator.reduce(counts, reduction="sum"), len(self.classes))
 
     def finish(self) -> None:
         # Replicas must hold identical weights; a mismatch means the processes did not train as one.

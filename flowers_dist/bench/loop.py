@@ -31,9 +31,9 @@ from .common import spread
 
 
 def _timed_steps(
-    parts: Parts, accelerator, batches, lr: float, steps: int, sync_gradients: bool = True
+    parts: Parts, accelerator, batches, lr: float, steps: int, label_smoothing: float, sync_gradients: bool = True
 ) -> tuple[list[float], list[float]]:
-    """Per optimizer step (data wait, compute) seconds."""
+    """Per optimizer step (data wait, compute) seconds: the run's step, its levers (smoothing, the EMA's update) too."""
     device = accelerator.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     waits, computes = [], []
@@ -52,6 +52,8 @@ def _timed_steps(
             no_sync=accelerator.no_sync,
             clock=clock,
             sync_gradients=sync_gradients,
+            label_smoothing=label_smoothing,
+            ema=parts.ema,
         )
         sync(device)
         waits.append(clock.waited)
@@ -83,8 +85,8 @@ def bench_train(cfg: Config, warmup: int, steps: int) -> tuple[dict[str, Any] | 
     lr = learning_rate(cfg, layout, 0, 0)  # the run's first step's
     batches = endless(parts.train_loader)
     parts.model.train()
-    _timed_steps(parts, accelerator, batches, lr, warmup)
-    local = _rank_times(parts, accelerator, batches, lr, steps)
+    _timed_steps(parts, accelerator, batches, lr, warmup, cfg.optim.label_smoothing)
+    local = _rank_times(parts, accelerator, batches, lr, steps, cfg.optim.label_smoothing)
     bf16_speedup = _bf16_speedup(parts, accelerator, batches)
     ranks = gather_object([local])
     if not accelerator.is_main_process:
@@ -119,9 +121,9 @@ def bench_train(cfg: Config, warmup: int, steps: int) -> tuple[dict[str, Any] | 
     }, accelerator
 
 
-def _rank_times(parts: Parts, accelerator, batches, lr: float, steps: int) -> dict[str, Any]:
+def _rank_times(parts: Parts, accelerator, batches, lr: float, steps: int, label_smoothing: float) -> dict[str, Any]:
     """This rank's timed steps; with several processes also without the all-reduce, and one gradient-sized all-reduce."""
-    waits, computes = _timed_steps(parts, accelerator, batches, lr, steps)
+    waits, computes = _timed_steps(parts, accelerator, batches, lr, steps, label_smoothing)
     local = {
         "rank": accelerator.process_index,
         "data_wait": spread(waits),
@@ -129,7 +131,7 @@ def _rank_times(parts: Parts, accelerator, batches, lr: float, steps: int) -> di
         "step_time": spread([w + c for w, c in zip(waits, computes)]),
     }
     if accelerator.num_processes > 1:
-        _, local_computes = _timed_steps(parts, accelerator, batches, lr, steps, sync_gradients=False)
+        _, local_computes = _timed_steps(parts, accelerator, batches, lr, steps, label_smoothing, sync_gradients=False)
         local["compute_no_sync"] = spread(local_computes)
         local["allreduce_gradient_buffer"] = spread(_allreduce_seconds(parts.model, accelerator.device))
     return local
