@@ -624,20 +624,19 @@ class DaliLoader:
         if self.split.packed:
             from .shards import suspect_samples
 
-            bad = suspect_samples(self.split.members)
-            named = f"; samples that look truncated or not images: {', '.join(bad)}" if bad else ""
-            return DataError(
-                f"the DALI pipeline failed on {self.split.root}: {detail[:300]}{named} "
-                "(a pack holds only files that decoded when packed: damaged since? "
-                f"`flowers-dist data check {root} --decode` names every sample that does not decode)"
+            bad, what = suspect_samples(self.split.members), "samples"
+            hint = (
+                "a pack holds only files that decoded when packed: damaged since? "
+                f"`flowers-dist data check {root} --decode` names every sample that does not decode"
             )
-        bad = suspect_files(self.split.files)
-        named = f"; files that look truncated or not images: {', '.join(map(str, bad))}" if bad else ""
-        return DataError(
-            f"the DALI pipeline failed on {self.split.root}: {detail[:300]}{named} "
-            "(data.check=true, the default, leaves undecodable files out; "
-            f"`flowers-dist data check {root}` lists them)"
-        )
+        else:
+            bad, what = list(map(str, suspect_files(self.split.files))), "files"
+            hint = (
+                "data.check=true, the default, leaves undecodable files out; "
+                f"`flowers-dist data check {root}` lists them"
+            )
+        named = f"; {what} that look truncated or not images: {', '.join(bad)}" if bad else ""
+        return DataError(f"the DALI pipeline failed on {self.split.root}: {detail[:300]}{named} ({hint})")
 
 
 def suspect_files(files, limit: int = 3) -> list:
