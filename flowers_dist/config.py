@@ -125,8 +125,8 @@ class OptimConfig:
     """L2 weight decay."""
     nesterov: bool = False
     """Use Nesterov momentum."""
-    schedule: Literal["step", "cosine", "constant"] = "step"
-    """Per-epoch learning-rate schedule (a pure function of the epoch, see schedule.py)."""
+    schedule: Literal["step", "cosine", "constant", "onecycle"] = "step"
+    """Learning-rate schedule (a pure function of the step, see schedule.py); `onecycle`: torch's OneCycleLR shape."""
     step_size: int = 7
     """StepLR: decay every this many epochs."""
     gamma: float = 0.1
@@ -146,6 +146,20 @@ class OptimConfig:
     """Lever: no weight decay on norm weights and biases (timm's param_groups_weight_decay: 1-d tensors and `.bias`)."""
     head_lr_mult: float = 1.0
     """Lever: the classifier head's (timm's get_classifier()) learning rate is the schedule's x this; 1 = off."""
+    mixup_alpha: float = 0.0
+    """Lever: timm's Mixup on each micro-batch with Beta(alpha, alpha) weights (one per micro-batch); 0 = off."""
+    cutmix_alpha: float = 0.0
+    """Lever: timm's CutMix on each micro-batch, Beta(alpha, alpha) areas; 0 = off; with mixup_alpha both, switched."""
+    mixup_prob: float = 1.0
+    """Mixup/CutMix: the probability that a micro-batch is mixed at all."""
+    mixup_switch_prob: float = 0.5
+    """Mixup/CutMix, both on: the probability that a mixed micro-batch takes CutMix rather than Mixup."""
+    onecycle_pct_start: float = 0.3
+    """optim.schedule=onecycle: the share of the run's steps spent rising to optim.lr (torch's pct_start)."""
+    onecycle_div_factor: float = 25.0
+    """optim.schedule=onecycle: the rate starts at optim.lr / this (torch's div_factor)."""
+    onecycle_final_div_factor: float = 1e4
+    """optim.schedule=onecycle: the rate ends at the start rate / this (torch's final_div_factor)."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -172,6 +186,22 @@ class OptimConfig:
             f"must be in [0, 1) (0 = off), got {self.label_smoothing}",
         )
         _check(self.head_lr_mult > 0, "optim.head_lr_mult", f"must be > 0 (1 = off), got {self.head_lr_mult}")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            _check(getattr(self, key) >= 0, f"optim.{key}", f"must be >= 0 (0 = off), got {getattr(self, key)}")
+        for key in ("mixup_prob", "mixup_switch_prob"):
+            _check(0 <= getattr(self, key) <= 1, f"optim.{key}", f"must be in [0, 1], got {getattr(self, key)}")
+        _check(
+            0 < self.onecycle_pct_start < 1,
+            "optim.onecycle_pct_start",
+            f"must be in (0, 1), got {self.onecycle_pct_start}",
+        )
+        for key in ("onecycle_div_factor", "onecycle_final_div_factor"):
+            _check(getattr(self, key) > 0, f"optim.{key}", f"must be > 0, got {getattr(self, key)}")
+        _check(
+            self.schedule != "onecycle" or not (self.warmup_steps or self.warmup_epochs),
+            "optim.schedule",
+            "onecycle has its own warm-up (optim.onecycle_pct_start); leave optim.warmup_steps and warmup_epochs at 0",
+        )
 
 
 @dataclass
@@ -348,6 +378,8 @@ LEVERS: dict[str, Any] = {
     "optim.label_smoothing": 0.0,
     "optim.no_decay_norm_bias": False,
     "optim.head_lr_mult": 1.0,
+    "optim.mixup_alpha": 0.0,
+    "optim.cutmix_alpha": 0.0,
     "optim.schedule": "step",
     "optim.warmup_epochs": 0,
     "optim.warmup_steps": 0,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from timm.data import Mixup
 from timm.utils import ModelEmaV3
 
 from . import sync_bn
@@ -26,7 +27,7 @@ from .distributed import make_accelerator, placement
 from .errors import DataError
 from .model import build_model
 from .schedule import lr_at_step
-from .steps import build_optimizer, evaluation_model
+from .steps import build_mixup, build_optimizer, evaluation_model
 
 
 def run_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
@@ -153,6 +154,8 @@ class Parts:
     """model.ema's moving average of the weights (its `.module` is evaluated and saved), or None."""
     levers: dict = field(default_factory=dict)
     """The time-to-accuracy levers the config turns on (config.levers_on)."""
+    mixup: Mixup | None = None
+    """optim.mixup_alpha / cutmix_alpha's timm Mixup (steps.build_mixup), or None."""
 
     def choices(self) -> dict:
         """What the config's automatic choices became, and the levers on (environment.json, the W&B config, bench's JSON)."""
@@ -177,6 +180,7 @@ def build_parts(
     `load(model, optimizer, ema)` runs before `prepare` (a checkpoint fits the bare model) and returns
     this rank's saved loader state, or None; `train` passes its resume there.
     """
+    mixup = build_mixup(cfg.optim, len(data.classes), layout.micro_batch)  # refuses an odd micro-batch, first
     set_seed(cfg.train.seed)  # same new-head initialisation on every rank
     with accelerator.main_process_first():  # one download into the cache, the other ranks read it
         model = build_model(cfg.model, len(data.classes))
@@ -195,7 +199,9 @@ def build_parts(
         model, accelerator.unwrap_model(model, keep_torch_compile=False), accelerator.state.dynamo_plugin.to_kwargs()
     )
     train_loader, val_loader = build_loaders(cfg, accelerator, data, layout, loader_state)
-    return Parts(layout, model, optimizer, eval_model, train_loader, val_loader, use_sync_bn, why, ema, levers_on(cfg))
+    return Parts(
+        layout, model, optimizer, eval_model, train_loader, val_loader, use_sync_bn, why, ema, levers_on(cfg), mixup
+    )
 
 
 def build_loaders(

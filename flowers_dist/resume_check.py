@@ -73,10 +73,10 @@ def changes_result(key: str, saved: dict[str, Any]) -> bool:
     """Whether changing `key` on resume changes what the run computes.
 
     train.epochs only extends (or ends early) the step schedule's run; under cosine the rate of
-    every step depends on the total, so there it changes the result too.
+    every step depends on the total (onecycle's too), so there it changes the result too.
     """
     if key == "train.epochs":
-        return saved.get("optim", {}).get("schedule") == "cosine"
+        return saved.get("optim", {}).get("schedule") in ("cosine", "onecycle")
     return key not in HARMLESS
 
 

@@ -37,11 +37,13 @@ def lr_at_step(
 
     The decay is the epoch's (step: StepLR every optim.step_size epochs; cosine: continuous over
     the run's steps); warm-up, if any, is linear per step from a tenth of the rate to the full
-    rate at its last step.
+    rate at its last step. onecycle: see onecycle_lr.
     """
     if steps_per_epoch < 1 or not 0 <= step < steps_per_epoch:
         raise ValueError(f"step {step} outside an epoch of {steps_per_epoch} steps")
     k = epoch * steps_per_epoch + step  # optimizer steps taken before this one
+    if cfg.schedule == "onecycle":  # its own warm-up (config.py refuses optim.warmup_* beside it)
+        return onecycle_lr(cfg, base_lr(cfg, global_batch_size), k, total_epochs * steps_per_epoch)
     if cfg.schedule == "step":
         factor = cfg.gamma ** (epoch // cfg.step_size)
     elif cfg.schedule == "cosine":
@@ -52,6 +54,25 @@ def lr_at_step(
     if k < warm:
         factor *= 0.1 + 0.9 * k / warm
     return base_lr(cfg, global_batch_size) * factor
+
+
+def _cos_anneal(start: float, end: float, pct: float) -> float:
+    """torch's OneCycleLR._annealing_cos, term for term (so that the rates match it to the last bit or two)."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+def onecycle_lr(cfg: OptimConfig, peak: float, k: int, total: int) -> float:
+    """The rate of step `k` (0-based) of `total` under torch's OneCycleLR(max_lr=peak, total_steps=total,
+    anneal_strategy="cos", three_phase=False), its learning rate only (momentum stays optim.momentum).
+
+    Cosine up from peak / optim.onecycle_div_factor to the peak over the first optim.onecycle_pct_start of the
+    steps, then cosine down to that start rate / optim.onecycle_final_div_factor at the last step.
+    """
+    start = peak / cfg.onecycle_div_factor
+    up_end = float(cfg.onecycle_pct_start * total) - 1  # torch's phase boundary, a step index (may be fractional)
+    if k <= up_end:
+        return _cos_anneal(start, peak, k / up_end if up_end > 0 else 1.0)  # torch divides by zero at up_end == 0
+    return _cos_anneal(peak, start / cfg.onecycle_final_div_factor, (k - up_end) / (total - 1 - up_end))
 
 
 def lr_at(cfg: OptimConfig, epoch: int, total_epochs: int, global_batch_size: int | None = None) -> float:

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_compiled_module
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
@@ -95,12 +98,58 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, fused: bool = Fals
     return optimizer
 
 
+def build_mixup(cfg: OptimConfig, num_classes: int, micro_batch: int) -> Mixup | None:
+    """optim.mixup_alpha / cutmix_alpha: timm's Mixup, or None when both are 0 (the seed's step).
+
+    Batch mode (one weight, one box per micro-batch: two tensor ops; `elem`/`pair` loop over the images in Python).
+    timm mixes image i with image n-1-i and needs an even batch, so an odd micro-batch is refused here, at start.
+    optim.label_smoothing moves into Mixup's targets (batch_loss does not smooth soft targets again).
+    """
+    if not (cfg.mixup_alpha or cfg.cutmix_alpha):
+        return None
+    if micro_batch % 2:
+        key = "optim.mixup_alpha" if cfg.mixup_alpha else "optim.cutmix_alpha"
+        raise ConfigError(
+            f"config key '{key}': Mixup/CutMix pairs the images of a micro-batch and needs an even one; this run's "
+            f"is {micro_batch} (train.global_batch_size / processes / grad_accum_steps, or train.micro_batch_size)"
+        )
+    return Mixup(
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode="batch",
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def mix(mixup: Mixup, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch mixed in place on the device, and its (n, classes) soft targets.
+
+    A micro-batch left odd or empty by unreadable files (collate_skipping) mixes its even part; the odd last image
+    keeps its own (smoothed) label. Every rank calls timm once a micro-batch, whatever its size, so the draws from
+    numpy's global generator (which the checkpoint's rng state holds) stay the same on every rank and on resume.
+    """
+    even = labels.shape[0] - labels.shape[0] % 2
+    _, target = mixup(images[:even], labels[:even])  # a view: timm mixes it in place
+    if even < labels.shape[0]:
+        rest = mixup_target(labels[even:], mixup.num_classes, smoothing=mixup.label_smoothing)
+        target = torch.cat([target, rest])
+    return images, target
+
+
 def batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy as sum / n: the same value for n > 0, and 0 (with zero gradients) for a rank's
     empty batch (every file unreadable), where the mean would be NaN and poison every rank through the all-reduce.
 
     label_smoothing (optim.label_smoothing, torch's): the target is 1 - s on the label plus s / classes everywhere.
+    `labels` of shape (n, classes) are Mixup's soft targets (smoothed already): timm's SoftTargetCrossEntropy.
     """
+    if labels.ndim == 2:
+        if labels.shape[0] == 0:
+            return logits.float().sum()  # 0, and zero gradients; timm's mean over no rows is NaN
+        return SoftTargetCrossEntropy()(logits.float(), labels)
     return F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing) / max(
         labels.numel(), 1
     )
@@ -124,6 +173,7 @@ def micro_step(
     last); the others run under its no_sync, which defers the all-reduce, not skips it. (Explicit
     rather than Accelerate's accumulate(): that keeps its own micro-step counter, which a
     mid-epoch resume would have to restore, and only syncs at the end of prepared DataLoaders.)
+    `labels` are class indices, or Mixup's soft targets (see mix and batch_loss).
     """
     with nullcontext() if syncs else no_sync(model):
         logits = model(images)
@@ -139,7 +189,7 @@ def step_counts(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) 
     stream: a sync on every step that would stop the host from queueing ahead of the GPU.
     new_full fills on the device instead. (launch/gpu_check.py runs this under sync-debug mode.)
     """
-    n = labels.numel()
+    n = labels.shape[0]
     correct = (logits.argmax(1) == labels).sum().double()
     return torch.stack([loss.detach().double() * n, correct, correct.new_full((), n)])
 
@@ -181,6 +231,7 @@ def optimizer_step(
     sync_gradients: bool = True,
     label_smoothing: float = 0.0,
     ema: ModelEmaV3 | None = None,
+    mixup: Mixup | None = None,
 ) -> None:
     """One optimizer step of the run: `accum` micro-batches from `batches`, the learning rate `lr`, the update.
 
@@ -188,15 +239,17 @@ def optimizer_step(
     the last micro-batch under no_sync too (no all-reduce): `bench train` times that to find what
     communication costs. `beat` tells the hang watchdog after each micro-batch that the rank lives.
     Each parameter group's rate is `lr` x its `lr_scale` (optim.head_lr_mult's groups); `ema`
-    (model.ema) averages the updated weights in, on every rank (DDP keeps the parameters equal).
+    (model.ema) averages the updated weights in, on every rank (DDP keeps the parameters equal). `mixup`
+    (build_mixup) mixes each micro-batch; train accuracy then counts against the mixed target's argmax.
     """
     for micro in range(accum):
         images, labels = clock.next(batches)
         last = micro == accum - 1
+        targets = labels if mixup is None else mix(mixup, images, labels)[1]
         logits, loss = micro_step(
-            model, images, labels, backward, accum, last and sync_gradients, no_sync, label_smoothing
+            model, images, targets, backward, accum, last and sync_gradients, no_sync, label_smoothing
         )
-        sums += step_counts(loss, logits, labels)
+        sums += step_counts(loss, logits, labels if mixup is None else targets.argmax(1))
         beat()
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr

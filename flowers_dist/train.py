@@ -317,6 +317,7 @@ class Trainer:
                 beat=self.dog.beat,
                 label_smoothing=self.cfg.optim.label_smoothing,
                 ema=self.parts.ema,
+                mixup=self.parts.mixup,
             )
             self.ckpt.check()  # a failed background write (full disk) is reported at once
             if step % cfg.log_every == 0 or step == steps:

@@ -9,19 +9,33 @@ import json
 import math
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TINY, cli, last_checkpoint, metrics
+from conftest import REPO, TINY, assert_same_final_weights, cli, last_checkpoint, metrics
+from timm.data.mixup import mixup_target
 from timm.utils import ModelEmaV3
 
-from flowers_dist import config, metrics_log, resume_check
+from flowers_dist import checkpoint_file, config, metrics_log, resume_check
 from flowers_dist.checkpointing import CheckpointManager, Progress
 from flowers_dist.config import LEVERS, Config, ConfigError, OptimConfig, TrainConfig, levers_on
 from flowers_dist.evaluate import local_counts
 from flowers_dist.schedule import lr_at_step
-from flowers_dist.steps import LoaderClock, batch_loss, build_optimizer, optimizer_step, weights_digest
+from flowers_dist.steps import (
+    CORRECT,
+    COUNT,
+    LOSS_SUM,
+    LoaderClock,
+    batch_loss,
+    build_mixup,
+    build_optimizer,
+    micro_step,
+    mix,
+    optimizer_step,
+    weights_digest,
+)
 
 CLASSES = 5
 
@@ -38,8 +52,8 @@ def _batches(n: int, size: int = 4, seed: int = 1) -> list[tuple[torch.Tensor, t
     ]
 
 
-def _steps(model, optimizer, batches, *, accum: int, rates: list[float], **levers) -> None:
-    """optimizer_step as the loop calls it, one process (no DDP: no_sync is a no-op)."""
+def _steps(model, optimizer, batches, *, accum: int, rates: list[float], **levers) -> torch.Tensor:
+    """optimizer_step as the loop calls it, one process (no DDP: no_sync is a no-op); returns the summed counts."""
     model.train()
     source, sums = iter(batches), torch.zeros(3, dtype=torch.float64)
     for lr in rates:
@@ -55,6 +69,7 @@ def _steps(model, optimizer, batches, *, accum: int, rates: list[float], **lever
             clock=LoaderClock(torch.device("cpu")),
             **levers,
         )
+    return sums
 
 
 class _Logits(torch.nn.Module):
@@ -189,6 +204,142 @@ def test_warmup_then_cosine_per_step_values():
     assert rates[0] == pytest.approx(0.01) and rates[4] == pytest.approx(0.1 * 0.5 * (1 + math.cos(0.4 * math.pi)))
 
 
+# -- mixup / cutmix --------------------------------------------------------------------------------
+def _mixup(**keys):
+    return build_mixup(OptimConfig(**keys), CLASSES, micro_batch=4)
+
+
+def test_mixup_is_off_by_default_and_refuses_an_odd_micro_batch():
+    assert build_mixup(OptimConfig(), CLASSES, micro_batch=3) is None
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        with pytest.raises(ConfigError, match=f"'optim.{key}': .* needs an even one; this run's is 3"):
+            build_mixup(OptimConfig(**{key: 0.2}), CLASSES, micro_batch=3)
+
+
+def test_mixup_mixes_the_batch_with_its_reverse_and_the_soft_loss_is_hand_computed():
+    """One weight per micro-batch, drawn as timm draws it from numpy's generator; smoothing inside the targets."""
+    images, labels = _batches(1)[0]
+    s, alpha = 0.1, 0.4
+    np.random.seed(5)
+    np.random.rand()  # timm's "mix at all?" draw (mixup_prob)
+    lam = float(np.random.beta(alpha, alpha))
+    np.random.seed(5)
+    mixed, target = mix(_mixup(mixup_alpha=alpha, label_smoothing=s), images.clone(), labels)
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0), atol=1e-6)
+    one_hot = torch.full((4, CLASSES), s / CLASSES)
+    one_hot[torch.arange(4), labels] += 1 - s
+    assert torch.allclose(target, lam * one_hot + (1 - lam) * one_hot.flip(0), atol=1e-6)
+    logits = torch.randn(4, CLASSES, generator=torch.Generator().manual_seed(2))
+    hand = -(target * logits.log_softmax(1)).sum(1).mean()
+    assert batch_loss(logits, target, label_smoothing=s).item() == pytest.approx(
+        hand.item(), rel=1e-6
+    )  # no 2nd smoothing
+    # Never mixed (mixup_prob=0): the soft targets are torch's label smoothing, not smoothing twice.
+    _, plain = mix(_mixup(mixup_alpha=alpha, mixup_prob=0.0, label_smoothing=s), images.clone(), labels)
+    assert batch_loss(logits, plain).item() == pytest.approx(batch_loss(logits, labels, s).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "keys", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}, {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}]
+)
+def test_mixup_changes_the_step(keys):
+    batches = _batches(4)
+    plain, mixed = _model(), _model()
+    np.random.seed(0)
+    sums_plain = _steps(plain, build_optimizer(OptimConfig(lr=0.05), plain), batches, accum=2, rates=[0.05] * 2)
+    np.random.seed(0)
+    optimizer = build_optimizer(OptimConfig(lr=0.05), mixed)
+    sums = _steps(mixed, optimizer, copy.deepcopy(batches), accum=2, rates=[0.05] * 2, mixup=_mixup(**keys))
+    assert sums[COUNT] == sums_plain[COUNT] == 16
+    assert sums[LOSS_SUM] != sums_plain[LOSS_SUM] and weights_digest(mixed) != weights_digest(plain)
+
+
+def test_train_accuracy_counts_the_mixed_targets_argmax():
+    """A model whose logits are its (one-hot) input: right on every mixed image by the mixed target's argmax, and
+    wrong by the label wherever the other image had the larger share."""
+    labels = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 0, 1, 2])]
+    batches = [(F.one_hot(y, CLASSES).float(), y) for y in labels]
+    model = torch.nn.Linear(CLASSES, CLASSES, bias=False)
+    torch.nn.init.eye_(model.weight)
+    np.random.seed(6)  # both weights under 0.5: every image is mostly its partner
+    sums = _steps(model, torch.optim.SGD(model.parameters(), lr=0.0), batches, accum=1, rates=[0.0] * 2,
+                  mixup=_mixup(mixup_alpha=0.4))  # fmt: skip
+    np.random.seed(6)  # both weights under 0.5: every image is mostly its partner
+    mixup = _mixup(mixup_alpha=0.4)
+    by_label = sum((mix(mixup, x.clone(), y)[1].argmax(1) == y).sum().item() for x, y in batches)
+    assert sums[CORRECT] == sums[COUNT] == 8 and by_label == 0
+
+
+def test_an_empty_or_odd_micro_batch_under_mixup_trains_without_crashing():
+    mixup = _mixup(mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1)
+    model = _model().train()
+    images, target = mix(mixup, torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.int64))
+    assert target.shape == (0, CLASSES)
+    _, loss = micro_step(model, images, target, torch.Tensor.backward, accum=1, syncs=True, no_sync=None)
+    assert loss.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
+    images, labels = _batches(1, size=3)[0]
+    mixed, target = mix(_mixup(mixup_alpha=0.4, label_smoothing=0.1), images.clone(), labels)
+    assert target.shape == (3, CLASSES) and torch.equal(mixed[2], images[2])  # the odd one out stays itself
+    assert torch.allclose(target[2], mixup_target(labels[2:], CLASSES, smoothing=0.1)[0])
+    assert torch.isfinite(batch_loss(model(mixed), target))
+
+
+def test_the_checkpoints_rng_state_replays_the_mixup_draws():
+    """timm draws from numpy's global generator: checkpoint_file.rng_state holds it, so a resume mixes the same."""
+    mixup = _mixup(mixup_alpha=0.4, cutmix_alpha=1.0)
+    images, labels = _batches(1)[0]
+    np.random.seed(3)
+    mix(mixup, images.clone(), labels)  # the draws before the checkpoint
+    saved = checkpoint_file.rng_state()
+    after = [mix(mixup, images.clone(), labels) for _ in range(4)]
+    np.random.seed(99)  # a resumed process starts elsewhere
+    checkpoint_file.set_rng_state(saved)
+    replayed = [mix(mixup, images.clone(), labels) for _ in range(4)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(after, replayed))
+    assert not all(torch.equal(after[0][1], a[1]) for a in after)  # the draws do differ step to step
+
+
+# -- one-cycle ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("epochs", "steps", "keys"),
+    [(3, 7, {}), (2, 5, {"onecycle_pct_start": 0.25, "onecycle_div_factor": 10.0, "onecycle_final_div_factor": 100.0}),
+     (1, 3, {"onecycle_pct_start": 0.5}), (1, 1, {}), (4, 1, {"onecycle_pct_start": 0.1})],
+)  # fmt: skip
+def test_onecycle_is_torchs_onecycle_lr_step_by_step(epochs, steps, keys):
+    cfg = OptimConfig(lr=0.2, schedule="onecycle", lr_scaling="linear", **keys)
+    ours = [
+        lr_at_step(cfg, e, s, steps, total_epochs=epochs, global_batch_size=64)
+        for e in range(epochs)
+        for s in range(steps)
+    ]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    theirs = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=0.4,  # lr x 64 / 32
+        total_steps=epochs * steps,
+        pct_start=cfg.onecycle_pct_start,
+        div_factor=cfg.onecycle_div_factor,
+        final_div_factor=cfg.onecycle_final_div_factor,
+        cycle_momentum=False,
+    )
+    torchs = []
+    for _ in range(epochs * steps):
+        torchs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        theirs.step() if len(torchs) < epochs * steps else None
+    assert ours == pytest.approx(torchs, rel=1e-12, abs=1e-15)
+    end = 0.4 / cfg.onecycle_div_factor / cfg.onecycle_final_div_factor
+    assert ours[-1] == pytest.approx(end) and (ours[0] == pytest.approx(0.4 / cfg.onecycle_div_factor) or steps == 1)
+
+
+def test_onecycle_refuses_a_warmup_and_a_resume_that_changes_its_length():
+    with pytest.raises(ConfigError, match="'optim.schedule': onecycle has its own warm-up"):
+        config.load(None, ["optim.schedule=onecycle", "optim.warmup_steps=3"])
+    saved = config.load(None, ["optim.schedule=onecycle"]).to_dict()
+    with pytest.raises(ConfigError, match="'train.epochs' changes what the resumed run computes"):
+        resume_check.check(saved, config.load(None, ["optim.schedule=onecycle", "train.epochs=50"]).to_dict(), False)
+
+
 # -- the weight average ---------------------------------------------------------------------------
 def test_ema_follows_each_step_and_checkpoints_round_trip(tmp_path):
     model = _model()
@@ -238,7 +389,17 @@ def test_hflip_tta_averages_the_logits_of_the_image_and_its_mirror():
 
 
 # -- resume -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("override", ["optim.label_smoothing=0.1", "model.ema=0.99", "train.eval_hflip_tta=true"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.label_smoothing=0.1",
+        "model.ema=0.99",
+        "train.eval_hflip_tta=true",
+        "optim.mixup_alpha=0.2",
+        "optim.cutmix_alpha=1.0",
+        "optim.schedule=onecycle",
+    ],
+)
 def test_a_resume_refuses_a_lever_change(override):
     saved = Config().to_dict()
     with pytest.raises(ConfigError, match=f"'{override.split('=')[0]}' changes what the resumed run computes"):
@@ -255,6 +416,8 @@ LEVERS_ON = [
     "optim.no_decay_norm_bias=true",
     "optim.weight_decay=0.0005",
     "optim.head_lr_mult=2",
+    "optim.mixup_alpha=0.4",
+    "optim.cutmix_alpha=1.0",
     "optim.warmup_steps=2",
     "model.ema=0.9",
     "train.eval_hflip_tta=true",
@@ -263,18 +426,22 @@ LEVERS_ON = [
 
 @pytest.mark.e2e
 def test_a_run_with_every_lever_records_them_and_resumes(tmp_path):
-    """Every lever on, accumulation 2: the run records them, evaluates the average, and a resume continues it.
-    (That the resume is exact is unit-tested above: the grouped optimizer and the average round-trip bit-identically.)"""
+    """Every lever on, accumulation 2: the run records them, evaluates the average, and a resume continues it
+    bit-identically to the run without a stop (Mixup's draws from numpy's generator included)."""
     base = ["train", "--config", "configs/quickstart.yaml", *TINY, "model.name=test_resnet", "model.pretrained=none"]
     run = [*base, *LEVERS_ON, "train.grad_accum_steps=2", "train.max_steps_per_epoch=2", f"train.output_dir={tmp_path}"]
     cli([*run, "train.epochs=1", "train.name=levers"])
     resumed = cli(["train", "--resume", str(tmp_path / "levers"), "train.epochs=2"])
+    cli([*run, "train.epochs=2", "train.name=straight"])
+    assert_same_final_weights(tmp_path / "levers", tmp_path / "straight")
     assert "levers optim.label_smoothing=0.1, optim.no_decay_norm_bias=True" in resumed.stdout, resumed.stdout[-2000:]
     env = json.loads((tmp_path / "levers" / "environment.json").read_text())
     assert env["levers"] == {
         "optim.label_smoothing": 0.1,
         "optim.no_decay_norm_bias": True,
         "optim.head_lr_mult": 2.0,
+        "optim.mixup_alpha": 0.4,
+        "optim.cutmix_alpha": 1.0,
         "optim.warmup_steps": 2,
         "model.ema": 0.9,
         "train.eval_hflip_tta": True,

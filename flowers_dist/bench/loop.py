@@ -33,7 +33,7 @@ from .common import spread
 def _timed_steps(
     parts: Parts, accelerator, batches, lr: float, steps: int, label_smoothing: float, sync_gradients: bool = True
 ) -> tuple[list[float], list[float]]:
-    """Per optimizer step (data wait, compute) seconds: the run's step, its levers (smoothing, the EMA's update) too."""
+    """Per optimizer step (data wait, compute) seconds: the run's step, its levers (smoothing, mixup, the EMA) too."""
     device = accelerator.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     waits, computes = [], []
@@ -54,6 +54,7 @@ def _timed_steps(
             sync_gradients=sync_gradients,
             label_smoothing=label_smoothing,
             ema=parts.ema,
+            mixup=parts.mixup,
         )
         sync(device)
         waits.append(clock.waited)
