@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from flowers_dist import config as config_module  # noqa: E402
 from flowers_dist.bench import pagecache  # noqa: E402
 from flowers_dist.bench.loader import cold_check, files_read, measure  # noqa: E402
+from flowers_dist.bench.tta import cpu_info  # noqa: E402
 from flowers_dist.data import Placement, build_loader, default_workers, shards  # noqa: E402
 from flowers_dist.data.folder import scan_dataset  # noqa: E402
 from flowers_dist.data.pack import pack  # noqa: E402
@@ -48,14 +49,6 @@ from flowers_dist.data.usable import usable_splits  # noqa: E402
 
 LAYOUTS = ("folder", "shards")
 SETTINGS = ("dali", "torch")
-
-
-def processor() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def default_source() -> Path:
@@ -147,14 +140,12 @@ def bench_layout(root: Path, overrides: list[str], repeats: int, epochs: int, be
     cfg = config_module.load(REPO / "configs" / "flowers_resnet18.yaml", [f"data.root={root}", *overrides])
     listing = listing_seconds(root)
     split, _, _ = usable_splits(cfg.data)
-    files = files_read(root, split)
-    if beneath is not None:
-        files += [beneath / f.relative_to(root.parent) for f in files]
+    read = files_read(root, split)
+    files = read + [beneath / f.relative_to(root.parent) for f in read] if beneath is not None else read
     workers = default_workers(1) if cfg.data.num_workers < 0 else cfg.data.num_workers
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     first_batch = first_batch_seconds(cfg, split, files, device, workers)
     rows = measure(cfg, split, device, workers, repeats, epochs, ("warm", "cold"), files, names=SETTINGS)
-    read = files[: len(files) // 2] if beneath is not None else files
     rates = ", ".join(f"{r['setting']} {r['temperature']} {r['images_per_s']['median']:.0f}" for r in rows)
     print(f"{root}: listing {listing:.3f} s; img/s {rates}", flush=True)
     return {
@@ -308,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for layout, root in zip(LAYOUTS, (folder, packed), strict=True)
             },
             "slow_open_ms": args.slow_open_ms,
-            "processor": processor(),
+            "processor": cpu_info()["model_name"] or "unknown",
             "cores": len(os.sched_getaffinity(0)),
             "load_average": os.getloadavg(),
             "host": socket.gethostname(),

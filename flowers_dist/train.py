@@ -446,28 +446,21 @@ class Trainer:
     def evaluate(self) -> tuple[EvalResult, float]:
         """Exact validation accuracy of the current weights, and the time it took."""
         start = time.perf_counter()
-        average_buffers(self.bare, self.accelerator)
-        with self.accelerator.autocast():
-            counts = local_counts(
-                self.parts.eval_model,
-                self.parts.val_loader,
-                len(self.classes),
-                self.device,
-                on_batch=self.dog.beat,
-                hflip_tta=self.cfg.train.eval_hflip_tta,
-            )
-        val = EvalResult.from_counts(self.accelerator.reduce(counts, reduction="sum"), len(self.classes))
+        val = self._validate(self.bare, self.parts.eval_model)
         return val, time.perf_counter() - start
 
     def evaluate_ema(self) -> EvalResult | None:
         """model.ema: exact validation accuracy of the weight average (its BatchNorm statistics averaged over ranks)."""
         ema = self.parts.ema
-        if ema is None:
-            return None
-        average_buffers(ema.module, self.accelerator)
+        return None if ema is None else self._validate(ema.module, ema.module)
+
+    def _validate(self, bare: torch.nn.Module, model: torch.nn.Module) -> EvalResult:
+        """`model` (bare, or its compiled evaluation form) over the val split, after averaging bare's BatchNorm
+        statistics over ranks; counts summed over ranks."""
+        average_buffers(bare, self.accelerator)
         with self.accelerator.autocast():
             counts = local_counts(
-                ema.module,
+                model,
                 self.parts.val_loader,
                 len(self.classes),
                 self.device,

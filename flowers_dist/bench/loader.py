@@ -292,11 +292,11 @@ def bench_loader(
 
 def report(results: dict[str, Any]) -> str:
     """Images/s per setting, the temperatures side by side with cold / warm, and the DALI / PyTorch ratio."""
-    temps = results.get("temperatures", ["warm"])
+    temps = results["temperatures"]
     by_setting: dict[str, dict[str, Any]] = {}
     for r in results["rows"]:
         row = by_setting.setdefault(r["setting"], {"setting": r["setting"]})
-        t, ips = r.get("temperature", "warm"), r["images_per_s"]
+        t, ips = r["temperature"], r["images_per_s"]
         row[t] = ips["median"]
         row[f"{t}_range"] = f"{ips['min']:.0f}-{ips['max']:.0f}"
         if "residency" in r:

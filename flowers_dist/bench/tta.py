@@ -31,9 +31,7 @@ from typing import Any
 
 from .. import config as config_module
 from ..config import Config, ConfigError
-
-CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-"""/proc/cpuinfo flags recorded with the result: the bf16 instructions that change what a CPU trains at."""
+from .advice import BF16_FLAGS, cpu_bf16_flags
 
 
 # -- the pure part: curves, first evaluation at a target, the summary -------------------------------------------
@@ -186,11 +184,11 @@ def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:  # not Linux
-            return {"model_name": platform.processor() or None, **{f: None for f in CPU_FLAGS}}
+            return {"model_name": platform.processor() or None, **{f: None for f in BF16_FLAGS}}
     fields = [line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line]
     model = next((v.strip() for k, v in fields if k.strip() == "model name"), None)
-    flags = next((v.split() for k, v in fields if k.strip() == "flags"), [])
-    return {"model_name": model, **{f: f in flags for f in CPU_FLAGS}}
+    have = cpu_bf16_flags(cpuinfo)  # the bf16 instructions that change what a CPU trains at
+    return {"model_name": model, **{f: f in have for f in BF16_FLAGS}}
 
 
 # -- running the configs ------------------------------------------------------------------------------------------
