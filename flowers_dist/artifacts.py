@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint_file import MAGIC
+from .checkpoint_file import header_digest
 from .config import TrackingConfig
 from .errors import CheckpointError
 
@@ -47,8 +47,12 @@ class Landed:
     """The best epoch so far, counted from 1; None before the first."""
     classes: tuple[str, ...]
     config: dict[str, Any]
-    sha256: str
-    """The SHA-256 the file's header carries over its payload (checkpoint_file verifies it on load)."""
+
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 the step file's header carries over its payload (checkpoint_file verifies it on load): read
+        only when an artifact is built, not for every save of a run that logs none."""
+        return header_digest(self.step_file)
 
     @classmethod
     def of(cls, paths: list[Path], facts: dict[str, Any]) -> Landed:
@@ -64,18 +68,7 @@ class Landed:
             best_epoch=facts["best"]["epoch"] + 1 if facts["best"]["epoch"] >= 0 else None,
             classes=tuple(facts["classes"]),
             config=facts["config"],
-            sha256=header_sha256(paths[0]),
         )
-
-
-def header_sha256(path: Path) -> str:
-    """The payload digest from a checkpoint file's header line: read, not recomputed (the writer hashed it already)."""
-    with open(path, "rb") as fh:
-        line = fh.readline(512)
-    if not line.startswith(MAGIC):
-        raise CheckpointError(f"checkpoint {path} has no flowers-dist header")
-    fields = dict(item.split("=", 1) for item in line[len(MAGIC) :].decode().split())
-    return fields["sha256"]
 
 
 def aliases(landed: Landed, uploaded: bool) -> list[str]:

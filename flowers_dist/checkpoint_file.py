@@ -133,6 +133,20 @@ class BackgroundWriter:
         self.check()
 
 
+def _header_fields(line: bytes) -> dict[str, str]:
+    """The `key=value` fields of a header line that starts with MAGIC (ValueError, UnicodeDecodeError if damaged)."""
+    return dict(item.split("=", 1) for item in line[len(MAGIC) :].decode().split())
+
+
+def header_digest(path: Path) -> str:
+    """The payload digest from a checkpoint file's header line: read, not recomputed (the writer hashed it already)."""
+    with open(path, "rb") as fh:
+        line = fh.readline(512)
+    if not line.startswith(MAGIC):
+        raise CheckpointError(f"checkpoint {path} has no flowers-dist header")
+    return _header_fields(line)["sha256"]
+
+
 def _read_verified(path: Path) -> bytes:
     """The payload of a checkpoint file after its header, length and digest check."""
     try:
@@ -149,7 +163,7 @@ def _read_verified(path: Path) -> bytes:
         )
     end = data.find(b"\n")
     try:
-        fields = dict(item.split("=", 1) for item in data[len(MAGIC) : end].decode().split())
+        fields = _header_fields(data[:end])
         digest, size = fields["sha256"], int(fields["bytes"])
     except (ValueError, KeyError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path} has a damaged header") from None
