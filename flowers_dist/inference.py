@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def eval_report(
     media = mistakes.of_model(model, split, cfg.data, place, batch_size=batch_size, out=out, limit=limit)
     # Each eval is a W&B run of its own: a kept id would resume the last one, whose step 0 W&B has seen (and drops).
     (out / "wandb_run_id").unlink(missing_ok=True)
-    context = SinkContext(out, accelerator, cfg.tracking, resolve_mode(cfg.tracking), job_type="eval")
+    tracking_cfg = dataclasses.replace(cfg.tracking, job_type="eval")  # tracking.job_type: W&B tells evals apart
+    context = SinkContext(out, accelerator, tracking_cfg, resolve_mode(tracking_cfg))
     env = environment(accelerator.num_processes, num_nodes(accelerator), accelerator.device)
     for sink in for_run(context):
         sink.start(cfg, list(split.classes), env)

@@ -88,7 +88,6 @@ class SinkContext:
     tracking_cfg: TrackingConfig | None = None
     wandb_mode: str = "disabled"
     say: Callable[[str], None] = print  # a line for the person watching (the Console's print)
-    job_type: str = ""  # W&B's job_type for a run that is not training (`eval`); empty = W&B's default
 
 
 class JsonlSink:
@@ -140,10 +139,8 @@ class WandbSink:
         mode: str,
         run_dir: Path,
         say: Callable[[str], None],
-        job_type: str = "",
     ):
         self._accelerator = accelerator
-        self._job_type = job_type
         self._cfg = tracking_cfg
         self._mode = mode
         self._run_dir = run_dir
@@ -155,7 +152,7 @@ class WandbSink:
     def for_run(cls, ctx: SinkContext) -> WandbSink | None:
         if ctx.accelerator is None or ctx.tracking_cfg is None or ctx.wandb_mode == "disabled":
             return None
-        return cls(ctx.accelerator, ctx.tracking_cfg, ctx.wandb_mode, ctx.run_dir, ctx.say, ctx.job_type)
+        return cls(ctx.accelerator, ctx.tracking_cfg, ctx.wandb_mode, ctx.run_dir, ctx.say)
 
     def _run(self):
         return self._accelerator.get_tracker("wandb", unwrap=True)
@@ -164,8 +161,6 @@ class WandbSink:
         self._classes = list(classes)
         self._git_commit = env.get("git_commit")
         kwargs = tracking.init_kwargs(self._cfg, self._mode, self._run_dir)
-        if self._job_type:
-            kwargs["wandb"]["job_type"] = self._job_type
         self._accelerator.init_trackers(
             self._cfg.project, config=tracking.run_config(cfg, env, self._classes), init_kwargs=kwargs
         )
