@@ -49,7 +49,7 @@ def summary_text(run_dir: Path, m: dict[str, Any], target: float | None) -> str:
         mean_ips = sum(r["images_per_s"] for r in epochs) / len(epochs)
         lines.append(f"training throughput: {mean_ips:.1f} images/s (mean over epochs)")
         if target is not None:
-            hit = next((r for r in epochs if r["val_acc"] >= target), None)
+            hit = first_hit(epochs, target)
             lines.append(
                 f"time to {target:.2%} val accuracy: "
                 + (f"{hit['elapsed']:.1f} s (epoch {hit['epoch'] + 1})" if hit else "not reached")
@@ -60,6 +60,11 @@ def summary_text(run_dir: Path, m: dict[str, Any], target: float | None) -> str:
     if end:
         lines.append(f"total time: {end['total_time']:.1f} s")
     return "\n".join(lines) + "\n"
+
+
+def first_hit(epochs: list[dict[str, Any]], target: float | None) -> dict[str, Any] | None:
+    """The first epoch record at or above the target val accuracy; None if none is (or there is no target)."""
+    return next((r for r in epochs if target is not None and r["val_acc"] >= target), None)
 
 
 def _target(run_dir: Path, m: dict[str, Any]) -> float | None:
@@ -181,15 +186,18 @@ def _confusion_figure(epochs: list[dict], classes: list[str] | None):
 
 def write_plots(run_dir: Path) -> list[Path]:
     """Write RUN_DIR/report/*.png (loss, accuracy, lr, throughput, and confusion when an epoch logged one)."""
-    run_dir = Path(run_dir)
     m = read_metrics(run_dir)
+    return _write_plots(Path(run_dir), m, _target(run_dir, m))
+
+
+def _write_plots(run_dir: Path, m: dict[str, Any], target: float | None) -> list[Path]:
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     epochs, steps = m["epochs"], m["steps"]
     # Each figure is saved and closed before the next is drawn.
     written = [
         _save(_loss_figure(epochs, steps), out / "loss.png"),
-        _save(_accuracy_figure(epochs, _target(run_dir, m)), out / "accuracy.png"),
+        _save(_accuracy_figure(epochs, target), out / "accuracy.png"),
         _save(_lr_figure(epochs, steps), out / "lr.png"),
         _save(_throughput_figure(epochs, steps), out / "throughput.png"),
     ]
@@ -202,20 +210,21 @@ def write_plots(run_dir: Path) -> list[Path]:
 def write_report(run_dir: Path) -> tuple[list[Path], str]:
     """Write RUN_DIR/report/*.png and summary.txt; returns the files and the summary."""
     run_dir = Path(run_dir)
-    written = write_plots(run_dir)
     m = read_metrics(run_dir)
-    text = summary_text(run_dir, m, _target(run_dir, m))
+    target = _target(run_dir, m)
+    written = _write_plots(run_dir, m, target)
+    text = summary_text(run_dir, m, target)
     (run_dir / "report" / "summary.txt").write_text(text)
     written.append(run_dir / "report" / "summary.txt")
     return written, text
 
 
 # -- `report --compare SWEEP_DIR`: a sweep's runs side by side ----------------------------------------------------
-def compare_rows(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """The config keys that vary across the sweep, and one row per run: its values, status and results."""
+def compare_rows(sweep_dir: Path, plan) -> tuple[list[str], list[dict[str, Any]]]:
+    """The config keys that vary across the sweep (`plan`, its sweep.json), and one row per run: its values, status
+    and results."""
     from . import sweep as sweeps
 
-    plan = sweeps.load(sweep_dir)
     varying = [k for k in plan.runs[0].params if len({json.dumps(r.params[k]) for r in plan.runs}) > 1]
     rows = []
     for run in plan.runs:
@@ -228,12 +237,12 @@ def compare_rows(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
 def _run_results(run_dir: Path) -> dict[str, Any]:
     """Status, best val accuracy, lowest val loss, time to target and mean images/s of one run (blank before it starts)."""
-    blank = {"status": "not started", "epochs": 0, "best_val_acc": None, "min_val_loss": None}
     if not metrics_log.path_of(run_dir).is_file():
-        return {**blank, "time_to_target": None, "images_per_s": None, "val_curve": []}
+        return {"status": "not started", "epochs": 0, "best_val_acc": None, "min_val_loss": None,
+                "time_to_target": None, "images_per_s": None, "val_curve": []}  # fmt: skip
     m = read_metrics(run_dir)
-    epochs, target = m["epochs"], _target(run_dir, m)
-    hit = next((r for r in epochs if target is not None and r["val_acc"] >= target), None)
+    epochs = m["epochs"]
+    hit = first_hit(epochs, _target(run_dir, m))
     return {
         "status": "finished" if m["end"] else "unfinished",
         "epochs": len(epochs),
@@ -242,7 +251,6 @@ def _run_results(run_dir: Path) -> dict[str, Any]:
         "time_to_target": hit["elapsed"] if hit else None,
         "images_per_s": sum(r["images_per_s"] for r in epochs) / len(epochs) if epochs else None,
         "val_curve": [(r["epoch"] + 1, r["val_acc"]) for r in epochs],
-        "target": target,
     }
 
 
@@ -309,8 +317,9 @@ def write_compare(sweep_dir: Path) -> tuple[list[Path], str]:
     from . import sweep as sweeps
 
     sweep_dir = Path(sweep_dir)
-    metric = sweeps.load(sweep_dir).metric
-    varying, rows = compare_rows(sweep_dir)
+    plan = sweeps.load(sweep_dir)
+    metric = plan.metric
+    varying, rows = compare_rows(sweep_dir, plan)
     best = best_row(rows, metric)
     text = compare_markdown(varying, rows, best)
     if best is None:
