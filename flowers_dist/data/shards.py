@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,6 +52,10 @@ class PackedSplit:
     samples: int
     class_counts: dict[str, int]
     listing: Path
+    index_data: tuple[bytes, ...] = field(repr=False, compare=False)
+    """Each shard's index as load() read and checked it: samples() parses these rather than reading them again."""
+    listing_data: bytes = field(repr=False, compare=False)
+    """The listing as load() read and checked it."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,7 @@ def described(root: Path, sh: dict) -> Shard:
 
 
 def _load_split(root: Path, name: str, s: dict, classes: tuple[str, ...], verify: bool) -> PackedSplit:
-    shards = []
+    shards, indexes = [], []
     for sh in s["shards"]:
         _check_file(root, sh["file"], sh["bytes"], sh["sha256"], verify)
         stale = f"the index of {sh['file']}: stale, written for another shard or pack?"
@@ -172,9 +177,11 @@ def _load_split(root: Path, name: str, s: dict, classes: tuple[str, ...], verify
         shard = described(root, sh)
         check_index(root, shard, index)
         shards.append(shard)
+        indexes.append(index)
     listing = _read_verified(root, s["listing"], s["listing_bytes"], s["listing_sha256"], "corrupted or replaced")
     check_counts(root, name, s, classes, listing)
-    return PackedSplit(name, tuple(shards), s["samples"], dict(s["class_counts"]), root / s["listing"])
+    listed = root / s["listing"]
+    return PackedSplit(name, tuple(shards), s["samples"], dict(s["class_counts"]), listed, tuple(indexes), listing)
 
 
 def _parse_entry(line: str) -> tuple[str, dict[str, tuple[int, int]]]:
@@ -281,27 +288,35 @@ def check_counts(root: Path, split: str, s: dict, classes: tuple[str, ...], list
 
 
 def read_index(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """A wds2idx index: per sample, its key and {extension: (data offset, size)}, in tar order."""
+    """A wds2idx index file: per sample, its key and {extension: (data offset, size)}, in tar order."""
     try:
-        lines = path.read_text().splitlines()
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"index {path} is unreadable or not a wds2idx v1.2 index ({exc})") from None
+    return parse_index(data, path)
+
+
+def parse_index(data: bytes, path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """The entries of an index's bytes (read_index); `path` names it in the error."""
+    try:
+        lines = data.decode().splitlines()
         version, count = lines[0].split()
         if version != INDEX_VERSION or int(count) != len(lines) - 1:
             raise ValueError(f"header {lines[0]!r}, {len(lines) - 1} sample lines")
         return [_parse_entry(line) for line in lines[1:]]
-    except (OSError, ValueError, IndexError) as exc:
+    except (UnicodeDecodeError, ValueError, IndexError) as exc:
         raise DataError(f"index {path} is unreadable or not a wds2idx v1.2 index ({exc})") from None
 
 
 def samples(packed: Packed, split: str) -> list[Sample]:
     """Every sample of a split in pack order: offsets and sizes from the index files, labels from the listing."""
     part = packed.splits[split]
-    with open(part.listing, newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t"))[1:]
+    rows = list(csv.reader(io.StringIO(part.listing_data.decode(), newline=""), delimiter="\t"))[1:]
     labels = {key: int(label) for key, label, _, _ in rows}
     sources = {key: source for key, _, _, source in rows}
     out: list[Sample] = []
-    for shard in part.shards:
-        entries = read_index(shard.index)
+    for shard, index in zip(part.shards, part.index_data, strict=True):
+        entries = parse_index(index, shard.index)
         if len(entries) != shard.samples:
             raise DataError(f"index {shard.index} lists {len(entries)} samples, the manifest says {shard.samples}")
         for key, parts in entries:
