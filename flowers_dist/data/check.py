@@ -15,6 +15,7 @@ import multiprocessing
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -184,27 +185,38 @@ def outside_probe(path: Path) -> Probe:
 
 
 def _probe_all(paths: list[str], cfg: DataConfig, workers: int, progress: bool) -> list[Probe]:
+    return run_chunked(probe_many, paths, cfg, workers, progress, desc="data check", unit="file")
+
+
+def run_chunked(
+    fn: Callable[[tuple[list, int, int]], list],
+    items: list,
+    cfg: DataConfig,
+    workers: int,
+    progress: bool,
+    desc: str,
+    unit: str,
+) -> list:
+    """fn((chunk, data.max_pixels, data.min_side)) over CHUNK-item chunks of `items`, in `workers` processes,
+    with a progress bar; the chunks' results joined in the items' order."""
     from tqdm import tqdm
 
-    limits = (cfg.max_pixels, cfg.min_side)
-    chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    out: dict[int, list[Probe]] = {}
-    with tqdm(
-        total=len(paths), unit="file", desc="data check", file=sys.stderr, disable=not progress, leave=False
-    ) as bar:
+    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+    out: dict[int, list] = {}
+    with tqdm(total=len(items), unit=unit, desc=desc, file=sys.stderr, disable=not progress, leave=False) as bar:
         if workers <= 1 or len(chunks) <= 1:
             for i, chunk in enumerate(chunks):
-                out[i] = probe_many((chunk, *limits))
+                out[i] = fn((chunk, cfg.max_pixels, cfg.min_side))
                 bar.update(len(chunk))
         else:
             # fork: the children run PIL only, never torch, so the torch thread pools a training process
             # holds cannot deadlock them; spawn would re-run the caller's main script in every child.
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                futures = {pool.submit(probe_many, (chunk, *limits)): i for i, chunk in enumerate(chunks)}
+                futures = {pool.submit(fn, (chunk, cfg.max_pixels, cfg.min_side)): i for i, chunk in enumerate(chunks)}
                 for future in as_completed(futures):
                     out[futures[future]] = future.result()
-                    bar.update(len(out[futures[future]]))
-    return [p for i in range(len(chunks)) for p in out[i]]
+                    bar.update(len(chunks[futures[future]]))
+    return [result for i in range(len(chunks)) for result in out[i]]
 
 
 def _mark_copies(probes: dict[str, list[Probe]], root: Path) -> None:

@@ -11,31 +11,17 @@ from __future__ import annotations
 
 import csv
 import io
-import multiprocessing
-import sys
 import tarfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import DataError
 from . import shards
+from .check import run_chunked
 from .probe import probe_bytes
-
-CHUNK = 32  # samples per pool task, as the data check's files
-
-
-@dataclass(frozen=True)
-class Located:
-    """One sample to decode: its name (`<split>/<shard>:<key>`) and where its image lies."""
-
-    name: str
-    tar: Path
-    offset: int
-    size: int
 
 
 @dataclass
@@ -106,9 +92,10 @@ def _index_problem(shard: shards.Shard) -> tuple[str | None, list]:
     return None, entries
 
 
-def _check_split(root: Path, name: str, s: dict, classes: tuple[str, ...], report: PackReport) -> list[Located]:
-    """The split's files into the report; the samples whose index fits its tar, to decode."""
-    located: list[Located] = []
+def _check_split(root: Path, name: str, s: dict, classes: tuple[str, ...], report: PackReport) -> list[shards.Sample]:
+    """The split's files into the report; the samples whose index fits its tar, to decode (each keyed by its name,
+    `<split>/<shard>:<key>`)."""
+    located: list[shards.Sample] = []
     keys: dict[str, list[str]] = {}
     for sh in s["shards"]:
         shard = shards.described(root, sh)
@@ -126,8 +113,8 @@ def _check_split(root: Path, name: str, s: dict, classes: tuple[str, ...], repor
                 report.bad.append(f"{rel}: {'; '.join(w for w in why if w)}")
         keys[sh["file"]] = [key for key, _ in entries]
         for key, parts in entries:
-            (offset, size) = next(v for ext, v in parts.items() if ext != shards.LABEL_EXT)
-            located.append(Located(f"{sh['file']}:{key}", shard.tar, offset, size))
+            ext, (offset, size) = next((e, v) for e, v in parts.items() if e != shards.LABEL_EXT)
+            located.append(shards.Sample(f"{sh['file']}:{key}", 0, shard.tar, offset, size, ext))
     if (why := _file_problem(root, s["listing"], s["listing_bytes"], s["listing_sha256"])) is not None:
         report.bad.append(f"{s['listing']}: {why}")
     elif (why := _listing_problem(root, name, s, classes, keys)) is not None:
@@ -156,14 +143,13 @@ def _listing_problem(
         per_shard.setdefault(shard, Counter())[classes[int(label)]] += 1
     for sh in s["shards"]:
         manifest, listed_here = sh["class_counts"], per_shard.get(sh["file"], Counter())
-        for c in sorted({c for c, n in manifest.items() if n} | set(listed_here)):
-            if manifest.get(c, 0) != listed_here[c]:
-                by = f"{manifest.get(c, 0)} by {shards.MANIFEST}, {listed_here[c]} by the listing"
-                return f"{sh['file']} holds {c!r} sample(s): {by}"
+        if (c := shards.first_difference(manifest, listed_here)) is not None:
+            by = f"{manifest.get(c, 0)} by {shards.MANIFEST}, {listed_here[c]} by the listing"
+            return f"{sh['file']} holds {c!r} sample(s): {by}"
     return None
 
 
-def _decode_chunk(args: tuple[list[Located], int, int]) -> list[str]:
+def _decode_chunk(args: tuple[list[shards.Sample], int, int]) -> list[str]:
     """The samples of a chunk that do not decode, each as `<name>: <kind>: <detail>` (for a process pool)."""
     chunk, max_pixels, min_side = args
     out = []
@@ -171,36 +157,16 @@ def _decode_chunk(args: tuple[list[Located], int, int]) -> list[str]:
     try:
         for sample in chunk:
             try:
-                data = reader.read(shards.Sample(sample.name, 0, sample.tar, sample.offset, sample.size, ""))
+                data = reader.read(sample)
             except (OSError, DataError) as exc:
-                out.append(f"{sample.name}: unreadable: {exc}")
+                out.append(f"{sample.key}: unreadable: {exc}")
                 continue
-            verdict = probe_bytes(sample.name, data, max_pixels, min_side)
+            verdict = probe_bytes(sample.key, data, max_pixels, min_side)
             if verdict.skipped:
-                out.append(f"{sample.name}: {verdict.kind}: {verdict.detail}")
+                out.append(f"{sample.key}: {verdict.kind}: {verdict.detail}")
     finally:
         reader.close()
     return out
-
-
-def _decode_all(located: list[Located], cfg: DataConfig, workers: int, progress: bool) -> list[str]:
-    from tqdm import tqdm
-
-    chunks = [(located[i : i + CHUNK], cfg.max_pixels, cfg.min_side) for i in range(0, len(located), CHUNK)]
-    found: dict[int, list[str]] = {}
-    with tqdm(total=len(located), unit="img", desc="decode", file=sys.stderr, disable=not progress, leave=False) as bar:
-        if workers <= 1 or len(chunks) <= 1:
-            for i, chunk in enumerate(chunks):
-                found[i] = _decode_chunk(chunk)
-                bar.update(len(chunk[0]))
-        else:
-            # fork, as the data check: the children run PIL only, and spawn would re-run the caller's main script.
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                futures = {pool.submit(_decode_chunk, chunk): i for i, chunk in enumerate(chunks)}
-                for future in as_completed(futures):
-                    found[futures[future]] = future.result()
-                    bar.update(len(chunks[futures[future]][0]))
-    return [line for i in range(len(chunks)) for line in found[i]]
 
 
 def check_pack(
@@ -221,6 +187,6 @@ def check_pack(
             f"{root / shards.MANIFEST} lacks a field ({exc}); pack again with `flowers-dist data pack`"
         ) from None
     if decode:
-        report.undecodable = _decode_all(located, cfg, workers, progress)
+        report.undecodable = run_chunked(_decode_chunk, located, cfg, workers, progress, desc="decode", unit="img")
     report.seconds = time.perf_counter() - start
     return report

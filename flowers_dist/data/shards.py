@@ -252,7 +252,7 @@ def check_index(root: Path, shard: Shard, index: bytes) -> None:
         )
 
 
-def _first_difference(manifest: dict[str, int], listing: Counter[str]) -> str | None:
+def first_difference(manifest: dict[str, int], listing: Counter[str]) -> str | None:
     """The first key (in sorted order) whose count differs, leaving out zero counts; None if they agree."""
     keys = sorted({k for k, n in manifest.items() if n} | {k for k, n in listing.items() if n})
     return next((k for k in keys if manifest.get(k, 0) != listing.get(k, 0)), None)
@@ -269,7 +269,7 @@ def counts_mismatch(split: str, s: dict, classes: tuple[str, ...], listing: byte
         per_class = Counter({classes[int(label)]: n for label, n in Counter(LISTED_LABEL.findall(listing)).items()})
     except (ValueError, IndexError):
         return "the listing has a row whose label is no class index"
-    if (c := _first_difference(s["class_counts"], per_class)) is not None:
+    if (c := first_difference(s["class_counts"], per_class)) is not None:
         by = f"{s['class_counts'].get(c, 0)} by the manifest, {per_class[c]} by the listing"
         return f"{split} holds {c!r} sample(s): {by}"
     if s["samples"] != per_class.total():
