@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import DataConfig
-from ..durable import fsync_dir
+from ..durable import fsync_dir, write_atomically
 from ..errors import DataError
 from .folder import Split
 from .shards import FORMAT, INDEX_VERSION, LABEL_EXT, LISTING, MANIFEST, VERSION, load, read_manifest
@@ -146,46 +146,11 @@ def shard_groups(items: Sequence[Item], shard_bytes: int) -> list[list[Item]]:
     return [list(items[a:b]) for a, b in zip(starts, ends)]
 
 
-class _HashingWriter(io.RawIOBase):
-    """A file that hashes what is written to it (the tar is checksummed as it goes, not read back)."""
-
-    def __init__(self, f) -> None:
-        self.f, self.digest, self.pos = f, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.f.write(data)
-        self.digest.update(data)
-        self.pos += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.pos
-
-
 def _member(name: str, size: int) -> tarfile.TarInfo:
     # Fixed metadata: the bytes of a shard depend on the samples alone, not on when or by whom they were packed.
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
     return info
-
-
-def _write_atomically(path: Path, write) -> tuple[int, str]:
-    """write(file) into path's temporary name, fsync, rename over path; returns (bytes, SHA-256)."""
-    tmp = path.with_name(path.name + TMP)
-    try:
-        with open(tmp, "wb") as f:
-            out = _HashingWriter(f)
-            write(out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out.pos, out.digest.hexdigest()
 
 
 def _write_shard(out: Path, split: str, number: int, items: Sequence[Item], classes: Sequence[str]) -> ShardRecord:
@@ -203,9 +168,9 @@ def _write_shard(out: Path, split: str, number: int, items: Sequence[Item], clas
                     tar.addfile(_member(member, len(data)), io.BytesIO(data))
                 index_lines.append(" ".join(parts))
 
-    size, digest = _write_atomically(out / split / f"{name}.tar", write_tar)
+    size, digest = write_atomically(out / split / f"{name}.tar", write_tar, TMP)
     index = f"{INDEX_VERSION} {len(items)}\n" + "".join(line + "\n" for line in index_lines)
-    index_size, index_digest = _write_atomically(out / split / f"{name}.idx", lambda f: f.write(index.encode()))
+    index_size, index_digest = write_atomically(out / split / f"{name}.idx", lambda f: f.write(index.encode()), TMP)
     counts = Counter(item.label for item in items)
     return ShardRecord(
         f"{split}/{name}.tar",
@@ -315,7 +280,9 @@ def _write_split(
     rows = csv.writer(buf, delimiter="\t", lineterminator="\n")
     rows.writerow(["key", "label", "shard", "source"])
     rows.writerows([it.key, it.label, shard_of[it.key], _rel(it.source, root)] for it in items)
-    listing_size, listing_digest = _write_atomically(out / split / LISTING, lambda f: f.write(buf.getvalue().encode()))
+    listing_size, listing_digest = write_atomically(
+        out / split / LISTING, lambda f: f.write(buf.getvalue().encode()), TMP
+    )
     counts = Counter(it.label for it in items)
     return {
         "samples": len(items),
@@ -425,7 +392,7 @@ def _write_pack(
     }
     for folder in (out / split for split in SPLITS):
         fsync_dir(folder)  # the shards' renames reach the disk before the manifest's can
-    _write_atomically(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
+    write_atomically(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()), TMP)
     fsync_dir(out)
     return manifest
 

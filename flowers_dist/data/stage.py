@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..durable import fsync_dir
+from ..durable import fsync_dir, write_atomically
 from ..errors import DataError
 from . import shards
 
@@ -172,12 +172,7 @@ def _copy(pack_root: Path, dest: Path, manifest: dict, source_manifest: bytes) -
             _copy_verified(pack_root / rel, dest / rel, size, sha256, rel, pack_root)
         for folder in {(dest / rel).parent for rel, _, _ in files(manifest)}:
             fsync_dir(folder)  # the files' names reach the disk before the manifest's can
-        tmp = dest / (shards.MANIFEST + TMP)
-        with open(tmp, "wb") as f:
-            f.write(source_manifest)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest / shards.MANIFEST)
+        write_atomically(dest / shards.MANIFEST, lambda f: f.write(source_manifest), TMP)
         fsync_dir(dest)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)  # a failed copy frees the node's disk
