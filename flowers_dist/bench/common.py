@@ -54,14 +54,19 @@ def write_result(
         "torch_threads": torch.get_num_threads(),
         "load_average_at_end": os.getloadavg(),
     }  # other processes on the machine lower every figure
-    record = {
+    return write_json(path, {**stamp(mode), "environment": env, "config": cfg.to_dict(), "results": results})
+
+
+def stamp(mode: str) -> dict[str, Any]:
+    """What every bench result opens with: its mode, when, and the command that made it."""
+    return {
         "mode": mode,
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["flowers-dist", *sys.argv[1:]]) if sys.argv else None,
-        "environment": env,
-        "config": cfg.to_dict(),
-        "results": results,
     }
+
+
+def write_json(path: Path, record: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path

@@ -18,20 +18,21 @@ included) to the evaluation's record. Images to target = optimizer steps x globa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .. import config as config_module
 from ..config import Config, ConfigError
 from .advice import BF16_FLAGS, cpu_bf16_flags
+from .common import stamp, write_json
 
 
 # -- the pure part: curves, first evaluation at a target, the summary -------------------------------------------
@@ -293,7 +294,8 @@ def run(args: argparse.Namespace) -> Path:
     own = [f"tracking.target_accuracy={min(t for t in args.target if t > 0)}"] if max(args.target) > 0 else []
     runs, path_of = [], dict(zip(labels, paths))
     for k, label in plan(labels, args.repeats):
-        cfg = config_module.load(path_of[label], [*args.overrides, f"train.seed={cfgs[label].train.seed + k}"])
+        base = cfgs[label]
+        cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=base.train.seed + k))
         name = f"{label}-r{k}"
         print(f"bench tta: {label} repeat {k + 1}/{args.repeats} (seed {cfg.train.seed}) -> {root / name}")
         result = train_run(path_of[label], cfg, [*args.overrides, *own], name, root, args.nprocs)
@@ -301,8 +303,7 @@ def run(args: argparse.Namespace) -> Path:
     rows = summarise(runs, labels, args.target)
     out.parent.mkdir(parents=True, exist_ok=True)
     png = plot(runs, labels, args.target, out.with_suffix(".png"))
-    record = _record(args, {label: (path_of[label], cfgs[label]) for label in labels}, runs, rows, png)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    write_json(out, _record(args, {label: (path_of[label], cfgs[label]) for label in labels}, runs, rows, png))
     print(report(rows))
     print(f"wrote {out} and {png}; runs in {root}")
     return out
@@ -318,9 +319,7 @@ def _record(
     """The JSON result: the command, the machine, every config resolved and how they differ, the summary, the runs."""
     resolved = {label: cfg.to_dict() for label, (_, cfg) in configs.items()}
     return {
-        "mode": "tta",
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["flowers-dist", *sys.argv[1:]]) if sys.argv else None,
+        **stamp("tta"),
         "environment": _environment(Path(runs[0]["run_dir"])),
         "configs": [
             {"label": label, "path": str(path), "config": resolved[label]} for label, (path, _) in configs.items()
