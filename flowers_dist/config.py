@@ -56,6 +56,15 @@ class DataConfig:
     """Images with more pixels are skipped (a decompression-bomb guard); at most PIL's hard limit, 178,956,970."""
     min_side: int = 16
     """Images with a side shorter than this, in pixels, are skipped (a 1x1 placeholder carries no content)."""
+    progressive_min_size: int = 0
+    """Lever, progressive resizing (data/resolution.py): training crops start at this side and grow to image_size
+    (evaluation stays at image_size); 0 = off."""
+    progressive_start_epoch: int = 0
+    """Progressive resizing: the last epoch (0-based) at progressive_min_size; the crops grow after it."""
+    progressive_end_epoch: int = 0
+    """Progressive resizing: the first epoch (0-based) at image_size."""
+    progressive_step: int = 32
+    """Progressive resizing: the sides in between are rounded to multiples of this (FFCV's 32)."""
 
     def validate(self) -> None:
         _check(self.image_size >= 16, "data.image_size", f"must be >= 16, got {self.image_size}")
@@ -82,6 +91,19 @@ class DataConfig:
             f"must be in [1, 178956970] (PIL's limit), got {self.max_pixels}",
         )
         _check(self.min_side >= 1, "data.min_side", f"must be >= 1, got {self.min_side}")
+        if self.progressive_min_size:
+            _check(
+                16 <= self.progressive_min_size < self.image_size,
+                "data.progressive_min_size",
+                f"must be 0 (off) or in [16, data.image_size={self.image_size}), got {self.progressive_min_size}",
+            )
+            _check(
+                0 <= self.progressive_start_epoch < self.progressive_end_epoch,
+                "data.progressive_end_epoch",
+                "must be above data.progressive_start_epoch (>= 0), got "
+                f"{self.progressive_start_epoch} and {self.progressive_end_epoch}",
+            )
+            _check(self.progressive_step >= 1, "data.progressive_step", f"must be >= 1, got {self.progressive_step}")
 
     @property
     def eval_resize(self) -> int:
@@ -385,6 +407,7 @@ LEVERS: dict[str, Any] = {
     "optim.warmup_steps": 0,
     "model.ema": 0.0,
     "train.eval_hflip_tta": False,
+    "data.progressive_min_size": 0,
 }
 """The time-to-accuracy levers (issue 19) and their off values, the seed recipe's: what a run's record lists as on."""
 
@@ -433,6 +456,9 @@ YAML11_BOOLEANS = {
 """The spellings YAML 1.1 reads as booleans, which ConfigLoader leaves as text; a true/false key takes them."""
 
 
+YAML12_EXPONENT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check one value against its annotation; ints are accepted where floats are expected."""
     origin = typing.get_origin(hint)
@@ -463,6 +489,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': must be an integer; got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and YAML12_EXPONENT.match(value):
+            return float(value)  # YAML 1.1 reads 5e-4 (no decimal point) as text; YAML 1.2 and a user, as a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': must be a number; got {value!r}")
         return float(value)

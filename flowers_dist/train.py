@@ -27,6 +27,7 @@ from . import checkpoint_file, errors, mistakes, resume_check
 from .checkpointing import CheckpointManager, Claim, Position, Progress, default_run_name
 from .config import Config, ConfigError
 from .data.audit import write_samples
+from .data.resolution import train_size
 from .distributed import num_nodes
 from .environment import environment
 from .errors import DiskError, HungError, PreemptedError
@@ -414,6 +415,7 @@ class Trainer:
             "train_loss": float(totals[LOSS_SUM]) / max(seen, 1),
             "train_acc": float(totals[CORRECT]) / max(seen, 1),
             "train_images": int(seen),
+            "train_size": train_size(cfg.data, epoch),  # the crops' side (progressive resizing changes it)
             "val_loss": val.loss,
             "val_acc": val.accuracy,
             "val_count": val.count,

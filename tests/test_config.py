@@ -229,3 +229,12 @@ def test_sync_bn_on_and_off_survive_yaml(tmp_path):
     assert config.load(tmp_path / "back.yaml").model.sync_bn == "on"
     with pytest.raises(ConfigError, match="'train.mixed_precision': must be one of"):
         config.load(None, ["train.mixed_precision=true"])
+
+
+@pytest.mark.parametrize("typed, value", [("5e-4", 5e-4), ("1E-3", 1e-3), ("+2.5e-2", 0.025), ("5.0e-4", 5e-4)])
+def test_an_exponent_without_a_decimal_point_is_a_number(tmp_path, typed, value):
+    # YAML 1.1 (PyYAML) reads 5e-4 as text, which the typed config refused as "must be a number".
+    assert config.load(None, [f"optim.weight_decay={typed}"]).optim.weight_decay == value
+    (tmp_path / "c.yaml").write_text(f"optim:\n  lr: {typed}\n")
+    assert config.load(tmp_path / "c.yaml").optim.lr == value
+    assert config.load(None, ["train.name=1e3"]).train.name == "1e3"  # a text key keeps what was typed

@@ -421,6 +421,8 @@ LEVERS_ON = [
     "optim.warmup_steps=2",
     "model.ema=0.9",
     "train.eval_hflip_tta=true",
+    "data.progressive_min_size=16",
+    "data.progressive_end_epoch=1",
 ]
 
 
@@ -445,11 +447,13 @@ def test_a_run_with_every_lever_records_them_and_resumes(tmp_path):
         "optim.warmup_steps": 2,
         "model.ema": 0.9,
         "train.eval_hflip_tta": True,
+        "data.progressive_min_size": 16,
     }
     records = metrics(tmp_path / "levers")
     assert [r["from_epoch"] for r in metrics_log.events(records, "resume")] == [1]
     epochs = metrics_log.latest_per(records, "epoch", "epoch")
     assert [r["epoch"] for r in epochs] == [0, 1] and all(0 <= r["val_acc_ema"] <= 1 for r in epochs)
+    assert [r["train_size"] for r in epochs] == [16, 32]  # progressive resizing, across the resume
     state = last_checkpoint(tmp_path / "levers")
     assert state["ema"] is not None and state["ema"].keys() == state["model"].keys()
     assert len(state["optimizer"]["param_groups"]) == 4 and state["position"] == {"epoch": 2, "step": 0}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from ..config import DataConfig
 from .contract import Placement, ReaderState, rest_of_epoch, train_shard
 from .folder import DataError, Split
+from .resolution import at_epoch, train_size
 from .shards import LABEL_EXT, Sample, SampleReader
 
 log = logging.getLogger(__name__)
@@ -453,8 +455,9 @@ class DaliLoader:
         cut: _CutEpochs | None = None,
         keys: bool = False,
         rest: _RestOfEpoch | None = None,
-        reader: Callable[[], object] | None = None,
+        reader: Callable[[str | None, int], object] | None = None,
         carried: list[str] | None = None,
+        size_of: Callable[[int], int] | None = None,
     ):
         self.train, self.num_samples, self.placement, self.split = train, num_samples, placement, split
         self.epoch, self.skip = 0, 0
@@ -467,6 +470,9 @@ class DaliLoader:
         self._rest, self._rest_files = rest, None  # a resume with no reader position: the epoch's rest, listed
         self._reader = reader  # builds the reader's pipeline when a rest epoch is over
         self._carried = carried or []  # the resumed epoch's samples trained before the resume, kept in saves
+        # Progressive resizing: the epoch's crop side (resolution.train_size) and the side the reader's pipeline has.
+        self._size_of = size_of
+        self._reader_size = size_of(0) if size_of is not None and pipeline is not None else None
         self._iterator_epoch = None if pipeline is None else 0  # the epoch self.iterator was built for, unread
         self.iterator = None if pipeline is None else self._make_iterator(pipeline)
         self.steps = steps if train else len(self.iterator)
@@ -533,8 +539,10 @@ class DaliLoader:
             yield from self._rest_epoch()
             return
         if self.iterator is None:  # after a resumed epoch's rest: the reader, from its own first epoch
-            self.iterator = self._make_iterator(_built(self._reader(), self.split))
+            self.iterator = self._make_iterator(_built(self._reader(None, self.epoch), self.split))
+            self._reader_size = self._size_of(self.epoch) if self._size_of is not None else None
         self._drain()  # a consumer that stopped early left DALI mid-epoch
+        self._resize_reader()
         self._mid_epoch = True
         skip, self.skip = self.skip, 0
         if skip and not self._restored:
@@ -548,6 +556,20 @@ class DaliLoader:
             self._yielded += 1
             yield self._convert(batch)
         self._drain()
+
+    def _resize_reader(self) -> None:
+        """Progressive resizing: an epoch of another crop side gets the reader's pipeline rebuilt at that side.
+
+        The crop side is fixed when a DALI graph is built, so the new pipeline starts from the old
+        one's checkpoint: the reader's permutations and the random streams go on exactly where they
+        stood, as on a resume. Costs one pipeline build per change of side (a handful a run).
+        """
+        if self._size_of is None or self._size_of(self.epoch) == self._reader_size:
+            return
+        checkpoint = self.iterator.checkpoints()[0]
+        self.iterator = None  # the old pipeline goes before the new one takes threads and memory
+        self.iterator = self._make_iterator(_built(self._reader(checkpoint, self.epoch), self.split))
+        self._reader_size = self._size_of(self.epoch)
 
     def _cut_epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._iterator_epoch != self.epoch:
@@ -802,17 +824,26 @@ def _reader_loader(
     # An older checkpoint saved the reader's state alone; now it comes with what the rank trained.
     state = ReaderState(reader=resume_state, trained=[]) if isinstance(resume_state, str) else resume_state
 
-    def reader_pipeline(checkpoint: str | None = None):
+    def reader_pipeline(checkpoint: str | None = None, epoch: int = 0):
         # Checkpointing lets a resumed run continue the reader's permutations and the random
         # streams exactly where the saved epoch ended (resume_state), instead of restarting them.
         # The samples' names (source_info) are what a resume at another world size needs.
+        # `epoch` sets the crop side (progressive resizing); the reader's position is the checkpoint's.
         return train_pipeline(
-            **common, reader_seed=seed, seed=pipe_seed, fused=fused, keys=True, enable_checkpointing=True,
-            checkpoint=checkpoint,
+            **{**common, "cfg": at_epoch(common["cfg"], epoch)}, reader_seed=seed, seed=pipe_seed, fused=fused,
+            keys=True, enable_checkpointing=True, checkpoint=checkpoint,
         )  # fmt: skip
 
     batch_size = common["batch_size"]
-    loader = dict(train=True, steps=steps, num_samples=steps * batch_size, placement=p, split=split, keys=True)
+    loader = dict(
+        train=True,
+        steps=steps,
+        num_samples=steps * batch_size,
+        placement=p,
+        split=split,
+        keys=True,
+        size_of=partial(train_size, common["cfg"]),
+    )
     if state is not None and state["reader"] is None:  # no position of this rank to continue from
         names = [split.name(i) for i in range(len(split))]
         rest = _RestOfEpoch(listed, names, set(state["trained"]), batch_size, p, seed, accum)
@@ -857,7 +888,7 @@ def _epoch_pipelines(common: dict, seed: int, pipe_seed: int, fused: bool) -> Ca
                 num_shards=1,
             )
         return train_pipeline(
-            **{**{k: v for k, v in common.items() if k != "members"}, **files},
+            **{**{k: v for k, v in common.items() if k != "members"}, **files, "cfg": at_epoch(common["cfg"], epoch)},
             reader_seed=seed,
             seed=(pipe_seed * 1_000_003 + epoch) % 2**31,
             fused=fused,

@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 from ..config import DataConfig
 from .contract import DeviceNormalizer, Placement, eval_shard, sample_seed, train_shard
 from .folder import Split
+from .resolution import at_epoch, train_size
 from .shards import SampleReader
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,20 @@ def train_transform(cfg: DataConfig) -> Callable:
         )
     steps.append(v2.PILToTensor())
     return v2.Compose(steps)
+
+
+class EpochTransform:
+    """The training transform of each epoch: crops of data.image_size, or of progressive resizing's side
+    (resolution.train_size), one transform kept per side."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg, self.made = cfg, {}
+
+    def __call__(self, epoch: int) -> Callable:
+        size = train_size(self.cfg, epoch)
+        if size not in self.made:
+            self.made[size] = train_transform(at_epoch(self.cfg, epoch))
+        return self.made[size]
 
 
 def eval_transform(cfg: DataConfig) -> Callable:
@@ -71,7 +86,9 @@ class ImageFiles(Dataset):
     A packed split's samples are read by offset from their shards (kept open, per worker) and
     decoded from the bytes: the same pixels as from the file they were packed from."""
 
-    def __init__(self, split: Split, transform: Callable, seed: int, max_pixels: int = DataConfig.max_pixels):
+    def __init__(
+        self, split: Split, transform: Callable | EpochTransform, seed: int, max_pixels: int = DataConfig.max_pixels
+    ):
         self.split, self.transform, self.seed, self.max_pixels = split, transform, seed, max_pixels
         self.reader = SampleReader()
 
@@ -94,7 +111,8 @@ class ImageFiles(Dataset):
         # fork_rng keeps the worker's global generator untouched; the seed alone decides.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(image), self.split.labels[index]
+            transform = self.transform(epoch) if isinstance(self.transform, EpochTransform) else self.transform
+            return transform(image), self.split.labels[index]
 
 
 def collate_skipping(items, size: int):
@@ -103,6 +121,8 @@ def collate_skipping(items, size: int):
     A batch with none left is (0, 3, size, size), not (0, 3, 0, 0): the model runs on it (every
     layer accepts an empty batch of the right shape), so a training rank with nothing to learn
     from in a step still joins DDP's gradient all-reduce instead of crashing in a pooling layer.
+    (Under progressive resizing `size` is data.image_size, not the epoch's side: any side the
+    model accepts gives the same empty output.)
     """
     items = [item for item in items if item is not None]
     if not items:
@@ -223,7 +243,7 @@ def build_torch_loader(
 
         length = len(split) // (batch_size * p.world_size * accum) * accum  # train_shard's micro-batches
         length = min(length, max_steps) if max_steps else length
-        transform = train_transform(cfg)
+        transform = EpochTransform(cfg)
     else:
 
         def make(epoch: int) -> list[list[int]]:
