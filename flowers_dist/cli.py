@@ -92,6 +92,23 @@ def _add_eval(sub) -> None:
         default="auto",
         help="decoder: auto = DALI where it imports, else PyTorch (files that do not decode are skipped and named)",
     )
+    _add_scoring(ev)
+
+
+def _add_scoring(parser: argparse.ArgumentParser) -> None:
+    """eval's and predict's choice of what scores an image; the defaults are how training evaluated the weights."""
+    parser.add_argument(
+        "--weights",
+        choices=["model", "ema"],
+        default="model",
+        help="the trained weights, or the run's weight average (model.ema > 0; val_acc_ema in its record)",
+    )
+    parser.add_argument(
+        "--hflip-tta",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="average the logits of each image and its horizontal flip; auto = the run's train.eval_hflip_tta",
+    )
 
 
 def _add_predict(sub) -> None:
@@ -103,6 +120,7 @@ def _add_predict(sub) -> None:
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     pr.add_argument("--topk", type=int, default=3)
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_scoring(pr)
 
 
 def _add_report(sub) -> None:
@@ -177,7 +195,7 @@ def _train(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from .inference import predict
 
-    results = predict(args.checkpoint, args.inputs, args.topk)
+    results = predict(args.checkpoint, args.inputs, args.topk, weights=args.weights, hflip_tta=args.hflip_tta)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -192,7 +210,16 @@ def _eval(args: argparse.Namespace) -> None:
     from .inference import run_eval
 
     run_eval(
-        args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.json, args.loader, args.report
+        args.checkpoint,
+        args.data,
+        args.batch_size,
+        args.workers,
+        args.device,
+        args.json,
+        args.loader,
+        args.report,
+        weights=args.weights,
+        hflip_tta=args.hflip_tta,
     )
 
 

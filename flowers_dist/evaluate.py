@@ -12,6 +12,21 @@ from torch import nn
 from .data.contract import BatchLoader
 
 
+class FlipAveraged(nn.Module):
+    """The mean of the logits of each image and its mirror image (flip test-time augmentation).
+
+    On the batch tensor (N, C, H, W), so any loader's batches get it: evaluation during training
+    (train.eval_hflip_tta), `eval`, `predict` and the mistakes report score alike.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.model(images).float() + self.model(images.flip(3)).float()) / 2
+
+
 @torch.no_grad()
 def local_counts(
     model: nn.Module,
@@ -29,14 +44,13 @@ def local_counts(
     float64 keeps counts exact far past any data-set size.
     """
     model.eval()
+    scorer = FlipAveraged(model) if hflip_tta else model
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     for images, labels in loader:
         if labels.numel() == 0:
             continue  # a shard's last batch can be empty; skipping it is safe since nothing here is collective
-        logits = model(images).float()
-        if hflip_tta:  # on the batch tensor (N, C, H, W), so any loader's batches get it
-            logits = (logits + model(images.flip(3)).float()) / 2
+        logits = scorer(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         # index_add_, not bincount: CUDA's bincount reads the largest index back to the host (a sync per batch).
         cells = labels * num_classes + logits.argmax(1)

@@ -18,21 +18,43 @@ from .data.torch_loader import eval_transform, load_rgb
 from .data.usable import shared, usable_split
 from .distributed import make_accelerator, num_nodes, placement
 from .environment import environment
-from .errors import CheckpointError
-from .evaluate import EvalResult, local_counts
+from .errors import CheckpointError, ConfigError
+from .evaluate import EvalResult, FlipAveraged, local_counts
 from .model import build_model
 from .sinks import SinkContext, for_run
 from .tracking import resolve_mode
 
+WEIGHTS = ("model", "ema")
+HFLIP_TTA = ("auto", "on", "off")
 
-def load_trained(path: str | Path, device: torch.device):
-    """Model with the checkpoint's weights, its config and class list; `path` may name a W&B artifact (artifacts.resolve)."""
+
+def load_trained(path: str | Path, device: torch.device, weights: str = "model"):
+    """Model with the checkpoint's weights, its config and class list; `path` may name a W&B artifact (artifacts.resolve).
+
+    `weights`: "model" (the trained weights) or "ema" (model.ema's weight average, saved beside them).
+    """
     state = checkpoint_file.load(artifacts.resolve(path))
     cfg = from_dict(state["config"])
     cfg.model.pretrained = "none"  # the checkpoint brings every weight
     model = build_model(cfg.model, len(state["classes"]))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(chosen_weights(state, weights, path))
     return model.to(device).eval(), cfg, list(state["classes"])
+
+
+def chosen_weights(state: dict, weights: str, path: str | Path) -> dict:
+    """The state dict that `weights` names in a checkpoint."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights == "ema" and state.get("ema") is None:  # saved with model.ema=0 (None), or before model.ema (missing)
+        raise CheckpointError(f"{path} holds no weight average: its run had model.ema=0; use --weights model")
+    return state[weights]
+
+
+def uses_hflip_tta(choice: str, cfg: Config) -> bool:
+    """--hflip-tta: on, off, or auto = as the run evaluated (its train.eval_hflip_tta), so eval reproduces val_acc."""
+    if choice not in HFLIP_TTA:
+        raise ConfigError(f"hflip_tta must be one of {', '.join(HFLIP_TTA)}, got {choice!r}")
+    return cfg.train.eval_hflip_tta if choice == "auto" else choice == "on"
 
 
 def run_eval(
@@ -44,15 +66,20 @@ def run_eval(
     json_path: str | None,
     loader: str = "auto",
     report_dir: str | Path | None = None,
+    weights: str = "model",
+    hflip_tta: str = "auto",
 ) -> EvalResult:
     """Every process counts its shard; counts are summed once, so each image counts exactly once.
 
     Files that do not decode are left out (and named) by the data check, whichever the loader.
     `data_dir` may be a packed data set (`data pack`): its val split is read from the shards.
     `report_dir`: also write the val images the model gets wrong there, and log them to W&B (eval_report).
+    `weights` ("model" or "ema") and `hflip_tta` ("auto": the run's train.eval_hflip_tta, "on", "off"): what is
+    scored, here and in the report; with the defaults the result is the run's val_acc (val_acc_ema with "ema").
     """
     accelerator = make_accelerator(device, "no", log_with="wandb" if report_dir is not None else None)
-    model, cfg, classes = load_trained(checkpoint_file_of(checkpoint_path, accelerator), accelerator.device)
+    model, cfg, classes = load_trained(checkpoint_file_of(checkpoint_path, accelerator), accelerator.device, weights)
+    flip = uses_hflip_tta(hflip_tta, cfg)
     cfg.data.loader = loader
     split = eval_split(data_dir, classes)
     split, skipped = shared(lambda: usable_split(cfg.data, split), accelerator.is_main_process, broadcast_object_list)
@@ -62,16 +89,19 @@ def run_eval(
             print(f"  {path}: {kind}: {detail}")
     place = placement(accelerator, channels_last=cfg.model.channels_last, workers=workers)
     loader = build_loader(cfg.data, split, train=False, batch_size=batch_size, placement=place, seed=0)
-    counts = local_counts(model, loader, len(classes), accelerator.device)
+    counts = local_counts(model, loader, len(classes), accelerator.device, hflip_tta=flip)
     result = EvalResult.from_counts(accelerator.reduce(counts, reduction="sum"), len(classes))
     if accelerator.is_main_process:
-        print(f"{checkpoint_path} on {split.root} ({accelerator.num_processes} process(es))")
+        tta = "flip TTA on" if flip else "flip TTA off"
+        print(f"{checkpoint_path} ({weights} weights, {tta}) on {split.root} ({accelerator.num_processes} process(es))")
         print(result.format(classes))
         if json_path:
             Path(json_path).write_text(
                 json.dumps(
                     {
                         **result.to_dict(classes),
+                        "weights": weights,
+                        "hflip_tta": flip,
                         "world_size": accelerator.num_processes,
                         "skipped": skipped.record()["skipped_files"],
                     },
@@ -80,7 +110,8 @@ def run_eval(
                 + "\n"
             )
         if report_dir is not None:
-            eval_report(Path(report_dir), model, split, cfg, place, batch_size, accelerator)
+            scored = FlipAveraged(model) if flip else model
+            eval_report(Path(report_dir), scored, split, cfg, place, batch_size, accelerator)
     return result
 
 
@@ -154,9 +185,20 @@ def image_paths(inputs: list[str]) -> list[Path]:
 
 
 @torch.no_grad()
-def predict(checkpoint_path: str | Path, inputs: list[str], topk: int, batch_size: int = 32) -> list[dict]:
+def predict(
+    checkpoint_path: str | Path,
+    inputs: list[str],
+    topk: int,
+    batch_size: int = 32,
+    weights: str = "model",
+    hflip_tta: str = "auto",
+) -> list[dict]:
+    """Top-k classes of each image, in input order; `weights` and `hflip_tta` as for run_eval (the flip averages the
+    logits of the image and its mirror image before the softmax)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, classes = load_trained(checkpoint_path, device)
+    model, cfg, classes = load_trained(checkpoint_path, device, weights)
+    if uses_hflip_tta(hflip_tta, cfg):
+        model = FlipAveraged(model)
     transform = eval_transform(cfg.data)
     normalize = DeviceNormalizer(
         cfg.data.mean, cfg.data.std, Placement(0, 1, device, channels_last=cfg.model.channels_last)
