@@ -175,3 +175,47 @@ def test_tta_trains_two_configs_and_reports_what_their_records_say(tmp_path):
         end = [r for r in metrics(run["run_dir"]) if r["event"] == "end"][-1]
         assert (end["target_accuracy"], end["time_to_target"]) == (1.0, None)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _ablation():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tta_ablation", REPO / "benchmarks" / "tta_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ablation_climbs_from_the_seed_to_the_committed_fast_proxy_one_group_at_a_time():
+    from flowers_dist import config
+    from flowers_dist.config import levers_on
+
+    ablation = _ablation()
+    table = ablation.rows(seed_epochs=10)
+    loaded = [config.load(ablation.SEED, overrides) for _, _, overrides in table]
+    fast = config.load(ablation.FAST)
+    assert loaded[0].train.epochs == 10 and levers_on(loaded[0]) == {} and loaded[0].data.image_size == 128
+    assert loaded[0].optim == config.load(ablation.SEED).optim  # the seed's recipe itself, only from scratch
+    last = loaded[-1].to_dict()
+    last["data"]["root"] = fast.data.root
+    assert last == fast.to_dict()  # the table ends at the committed recipe, key for key
+    assert levers_on(loaded[-1]) == levers_on(fast) != {}
+    for (name, _, before), (_, _, after), (_, _, keys) in zip(table[1:], table[2:], ablation.GROUPS[1:]):
+        assert {o.split("=")[0] for o in after[len(before) :]} == set(keys), name  # one group more per row
+    with pytest.raises(ValueError, match="miss \\['optim.label_smoothing'\\]"):
+        ablation.rows(10, [g for g in ablation.GROUPS if g[0] != "smoothing"])
+
+
+def test_the_ablation_table_names_the_processor_and_times_each_row_against_the_seed():
+    ablation = _ablation()
+    runs = [_run("seed", [0.5, 0.72]), _run("fast", [0.71, 0.8]), _run("slow", [0.3, 0.4])]
+    rows = summarise(runs, ["seed", "fast", "slow"], [0.7])
+    result = {
+        "environment": {"cpu": cpu_info("model name\t: AMD EPYC\nflags\t: fpu avx512_bf16\n")},
+        "results": {"summary": rows, "repeats": 1},
+    }
+    text = ablation.markdown(result, ["seed", "+ fast", "+ slow"])
+    assert "AMD EPYC, avx512_bf16 True, amx_bf16 False" in text
+    assert "| seed | 2 | 3 s (epoch 2) | 1.00x | 0.720 |" in text
+    assert "| + fast | 2 | 2 s (epoch 1) | 0.50x | 0.800 |" in text
+    assert "| + slow | 2 | not reached | - | 0.400 |" in text
