@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flowers_dist import config as config_module  # noqa: E402
-from flowers_dist.config import Config  # noqa: E402
 
 SEED = REPO / "configs" / "flowers_resnet18.yaml"
 FAST = REPO / "configs" / "flowers_resnet18_fast_scratch.yaml"
@@ -54,10 +53,6 @@ GROUPS: list[tuple[str, str, list[str]]] = [
 dotted keys it takes from the fast proxy's config."""
 
 
-def _flat(cfg: Config) -> dict[str, Any]:
-    return {f"{section}.{key}": v for section, keys in cfg.to_dict().items() for key, v in keys.items()}
-
-
 def _text(value: Any) -> str:
     """A value as a dotted override writes it: lists as YAML flow sequences, booleans as true/false."""
     if isinstance(value, (list, tuple)):
@@ -71,8 +66,8 @@ def rows(seed_epochs: int, groups: list[tuple[str, str, list[str]]] = GROUPS) ->
     Refuses groups that leave a key in which the fast proxy's config differs unset (or name a key no config has),
     so that the table's last row is the committed recipe.
     """
-    seed = _flat(config_module.load(SEED, SCRATCH))
-    fast = _flat(config_module.load(FAST))
+    seed = config_module.dotted(config_module.load(SEED, SCRATCH))
+    fast = config_module.dotted(config_module.load(FAST))
     budget = [f"train.epochs={fast['train.epochs']}"]
     grouped = [key for _, _, keys in groups for key in keys]
     differs = {key for key in fast if key not in ("train.epochs", "data.root") and fast[key] != seed[key]}

@@ -412,9 +412,14 @@ LEVERS: dict[str, Any] = {
 """The time-to-accuracy levers (issue 19) and their off values, the seed recipe's: what a run's record lists as on."""
 
 
+def dotted(cfg: Config) -> dict[str, Any]:
+    """Every key of the config as {`section.key`: value}, the names overrides use."""
+    return {f"{section}.{key}": v for section, keys in cfg.to_dict().items() for key, v in keys.items()}
+
+
 def levers_on(cfg: Config) -> dict[str, Any]:
     """The levers this config turns on, as {dotted key: value} (environment.json, the start line, bench's JSON)."""
-    values = {f"{section}.{key}": v for section, keys in cfg.to_dict().items() for key, v in keys.items()}
+    values = dotted(cfg)
     return {key: values[key] for key, off in LEVERS.items() if values[key] != off}
 
 

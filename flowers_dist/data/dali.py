@@ -539,8 +539,7 @@ class DaliLoader:
             yield from self._rest_epoch()
             return
         if self.iterator is None:  # after a resumed epoch's rest: the reader, from its own first epoch
-            self.iterator = self._make_iterator(_built(self._reader(None, self.epoch), self.split))
-            self._reader_size = self._size_of(self.epoch) if self._size_of is not None else None
+            self._build_reader(None)
         self._drain()  # a consumer that stopped early left DALI mid-epoch
         self._resize_reader()
         self._mid_epoch = True
@@ -566,7 +565,10 @@ class DaliLoader:
         """
         if self._size_of is None or self._size_of(self.epoch) == self._reader_size:
             return
-        checkpoint = self.iterator.checkpoints()[0]
+        self._build_reader(self.iterator.checkpoints()[0])
+
+    def _build_reader(self, checkpoint: str | None) -> None:
+        """The reader's pipeline at this epoch's side, from `checkpoint` (None: the reader's own start)."""
         self.iterator = None  # the old pipeline goes before the new one takes threads and memory
         self.iterator = self._make_iterator(_built(self._reader(checkpoint, self.epoch), self.split))
         self._reader_size = self._size_of(self.epoch)

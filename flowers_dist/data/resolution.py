@@ -42,5 +42,5 @@ def at_epoch(cfg: DataConfig, epoch: int) -> DataConfig:
 
 
 def sizes(cfg: DataConfig, epochs: int) -> list[int]:
-    """Every epoch's training side, for the run's start line and the docs."""
+    """Every epoch's training side, `train_size` over a run of `epochs` (what a config's ramp gives, at a glance)."""
     return [train_size(cfg, e) for e in range(epochs)]
